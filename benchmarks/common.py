@@ -1,0 +1,71 @@
+"""What every benchmark file shares: the device, the timing, and what the runner reads back.
+
+Each benchmark is one pytest-benchmark case whose ``group`` names the workload (op, direction,
+shape) and whose ``extra_info`` carries the provider (``ext``, ``torch``, ``compile``, ``sdpa``,
+``flex``...) and the bytes the workload must move at least. ``benchmarks/run.py`` turns the JSON
+into the comparison table. On CUDA the time is the median of CUDA-event timings (host clocks
+would add a synchronisation to every call); on CPU it is pytest-benchmark's median.
+"""
+
+import os
+import statistics
+
+import torch
+
+import blt_ext  # noqa: F401  (registers torch.ops.blt_ext)
+
+
+def bench_device():
+    """BLT_BENCH_DEVICE=cpu|cuda; by default CUDA when torch sees a GPU, else the CPU."""
+    name = os.environ.get("BLT_BENCH_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
+    if name not in ("cpu", "cuda"):
+        raise ValueError(f"BLT_BENCH_DEVICE must be cpu or cuda, got {name!r}")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("BLT_BENCH_DEVICE=cuda but torch sees no CUDA device")
+    return torch.device(name)
+
+
+DEVICE = bench_device()
+ON_CUDA = DEVICE.type == "cuda"
+
+
+def cuda_event_median_ms(fn, warmup=5, repeat=50):
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeat):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def run_benchmark(benchmark, fn, *, group, provider, bytes_moved=None, rounds=None):
+    """Time ``fn`` (a closure over prepared inputs) and record what the runner needs.
+
+    ``bytes_moved`` is the fewest bytes the workload must read and write; the runner turns it
+    into GB/s. ``fn`` is called once first, which also triggers torch.compile's compilation.
+    """
+    benchmark.group = group
+    benchmark.extra_info.update(provider=provider, device=str(DEVICE), bytes_moved=bytes_moved)
+    fn()
+    if ON_CUDA:
+        torch.cuda.synchronize()
+        benchmark.extra_info["median_ms"] = cuda_event_median_ms(fn)
+
+        def synced():
+            fn()
+            torch.cuda.synchronize()
+
+        benchmark.pedantic(synced, rounds=rounds or 5, iterations=1)
+    else:
+        benchmark.pedantic(fn, rounds=rounds or 10, iterations=1, warmup_rounds=1)
+
+
+def compiled(fn):
+    """torch.compile of a reference twin, the way a user would apply it."""
+    return torch.compile(fn, fullgraph=False, dynamic=False)

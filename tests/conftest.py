@@ -1,0 +1,20 @@
+"""Shared fixtures. CUDA cases exist only where torch sees a GPU (so a CPU run skips nothing);
+they carry the ``cuda`` marker, so ``pytest -m cuda`` runs exactly the GPU tests."""
+
+import pytest
+import torch
+
+import blt_ext  # noqa: F401  (registers torch.ops.blt_ext)
+
+HAS_CUDA = torch.cuda.is_available() and blt_ext.WITH_CUDA
+DEVICES = ["cpu"] + ([pytest.param("cuda", marks=pytest.mark.cuda)] if HAS_CUDA else [])
+
+
+@pytest.fixture(params=DEVICES)
+def device(request):
+    return torch.device(request.param)
+
+
+@pytest.fixture
+def generator():
+    return torch.Generator().manual_seed(1234)
