@@ -14,6 +14,7 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 def expected_arg_index(x, patch_lengths, reduce):
     """The first byte holding each patch's max/min, -1 for patches without real bytes."""
+    x = x.detach().double().cpu()
     batch, num_bytes, dim = x.shape
     arg = torch.full((batch, patch_lengths.shape[1], dim), -1, dtype=torch.int32)
     pick = torch.argmax if reduce == "max" else torch.argmin  # both return the first extremum
@@ -22,7 +23,7 @@ def expected_arg_index(x, patch_lengths, reduce):
         for p, n in enumerate(row):
             s, e = min(start, num_bytes), min(start + n, num_bytes)
             if e > s:
-                arg[b, p] = s + pick(x[b, s:e].double().cpu(), dim=0)
+                arg[b, p] = s + pick(x[b, s:e], dim=0)
             start += n
     return arg
 
