@@ -26,7 +26,8 @@ PROVIDERS = {
 def bytes_moved(logits):
     """Logits read + patch ids, lengths and counts (int64) written."""
     batch, num_bytes, _ = logits.shape
-    return logits.numel() * logits.element_size() + 8 * (batch * num_bytes + batch * (num_bytes + 1) + batch)
+    outputs = batch * num_bytes + batch * (num_bytes + 1) + batch
+    return logits.numel() * logits.element_size() + 8 * outputs
 
 
 @pytest.mark.parametrize("provider", list(PROVIDERS))

@@ -40,8 +40,10 @@ def _entropy_fake(logits):
 
 
 @torch.library.register_fake("blt_ext::entropy_patch_starts")
-def _entropy_patch_starts_fake(entropies, threshold, threshold_add, monotonicity, include_next_token):
-    torch._check(entropies.dim() == 2, lambda: "blt_ext.entropy_patch_starts: entropies must be [B, T]")
+def _entropy_patch_starts_fake(entropies, threshold, threshold_add, monotonicity,
+                               include_next_token):
+    torch._check(entropies.dim() == 2,
+                 lambda: "blt_ext.entropy_patch_starts: entropies must be [B, T]")
     batch, num_bytes = entropies.shape
     return entropies.new_empty((batch, num_bytes + 1), dtype=torch.bool)
 

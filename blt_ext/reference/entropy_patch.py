@@ -19,7 +19,6 @@ RELEASED_THRESHOLD = 1.335442066192627
 
 # Byte ids are byte + OFFSET; ids below OFFSET are the specials (BOE, BOS, EOS, BPE).
 OFFSET = 4
-VOCAB_SIZE = 260
 
 
 class PatchLayout(NamedTuple):
@@ -55,11 +54,10 @@ def entropy(logits: Tensor) -> Tensor:
     float32 result (float64 for float64 logits); 0 · log 0 counts as 0 (logits at -inf).
     Not differentiable by design of the op, but this twin is (plain autograd).
     """
-    if logits.dim() < 1 or not logits.is_floating_point():
-        raise TypeError(
-            f"blt_ext.entropy: logits must be a floating tensor [..., V], got {logits.dtype} "
-            f"of shape {list(logits.shape)}"
-        )
+    if logits.dim() < 1:
+        raise ValueError("blt_ext.entropy: logits must be a tensor [..., V], got a 0-D tensor")
+    if not logits.is_floating_point():
+        raise TypeError(f"blt_ext.entropy: logits must be a floating tensor, got {logits.dtype}")
     x = logits.double() if logits.dtype == torch.float64 else logits.float()
     log_probs = torch.log_softmax(x, dim=-1)
     probs = log_probs.exp()
@@ -198,7 +196,9 @@ def patch_layout(
     """
     _check_2d(starts, "patch_layout", "starts", "[B, T + 1]")
     if starts.dtype != torch.bool:
-        raise TypeError(f"blt_ext.patch_layout: starts must have dtype torch.bool, got {starts.dtype}")
+        raise TypeError(
+            f"blt_ext.patch_layout: starts must have dtype torch.bool, got {starts.dtype}"
+        )
     if max_patch_length is not None and max_patch_length < 1:
         raise ValueError(
             f"blt_ext.patch_layout: max_patch_length must be >= 1, got {max_patch_length}"

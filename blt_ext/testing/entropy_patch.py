@@ -44,13 +44,16 @@ def random_entropies(batch, num_bytes, *, dtype=torch.float32, device="cpu", tie
 def random_tokens(batch, num_bytes, *, device="cpu", generator=None):
     """Token ids [B, T] in [0, 260): mostly letters and digits, with runs of spaces and
     punctuation, UTF-8 lead and continuation bytes, and specials."""
+    alnum = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
+    punctuation = " \n\t.,;:!?-_()[]{}'\"/\\@#~`^|"
     pools = [
-        torch.tensor([ord(c) for c in "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"]),
-        torch.tensor([ord(c) for c in " \n\t.,;:!?-_()[]{}'\"/\\@#~`^|"]),
+        torch.tensor([ord(c) for c in alnum]),
+        torch.tensor([ord(c) for c in punctuation]),
         torch.arange(0x80, 0x100),
     ]
     # 60% letters and digits, 30% spaces and punctuation, 10% bytes >= 0x80
-    kind = torch.bucketize(torch.rand(batch * num_bytes, generator=generator), torch.tensor([0.6, 0.9]))
+    draw = torch.rand(batch * num_bytes, generator=generator)
+    kind = torch.bucketize(draw, torch.tensor([0.6, 0.9]))
     tokens = torch.empty(batch * num_bytes, dtype=torch.long)
     for k, pool in enumerate(pools):
         chosen = kind == k
