@@ -298,6 +298,16 @@ def test_invalid_starts(device):
         assert_layout_equal(ops.patch_layout(tail, False), ref.patch_layout(mask(6, [0, 2]), False))
 
 
+def test_strided_inputs(device, generator):
+    entropies = random_entropies(3, 40, device=device, generator=generator)[:, ::2]
+    tokens = random_tokens(3, 40, device=device, generator=generator)[:, 1::2]
+    starts = random_starts(3, 41, device=device, generator=generator)[:, ::2]
+    assert not (entropies.is_contiguous() or tokens.is_contiguous() or starts.is_contiguous())
+    assert torch.equal(ops.entropy_patch_starts(entropies), ref.entropy_patch_starts(entropies))
+    assert torch.equal(ops.space_patch_starts(tokens), ref.space_patch_starts(tokens))
+    assert_layout_equal(ops.patch_layout(starts, True, 3), ref.patch_layout(starts, True, 3))
+
+
 # ---- the whole pipeline, batch independence ----
 
 
