@@ -18,7 +18,7 @@ from blt_ext.testing.patch_attention import attention_inputs
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 DIRECTIONS = ["encoder", "decoder"]
 # (heads, head_dim) cycled over the layouts of a case, so every pair meets every layout somewhere.
-HEAD_SHAPES = [(4, 64), (1, 16), (2, 40), (1, 256)]
+HEAD_SHAPES = [(4, 64), (1, 16), (2, 40), (1, 256), (3, 20)]
 
 
 def run_ext(q, k, v, lengths, slots, direction, scale, grad_out):
@@ -83,6 +83,37 @@ def test_long_patch(device, generator, direction):
             generator=generator, requires_grad=True,
         )
         assert lengths.max() > 2000
+        assert_matches_reference(q, k, v, lengths, 2, direction, generator)
+
+
+@pytest.mark.parametrize("direction", DIRECTIONS)
+def test_many_slots(device, generator, direction):
+    """More slots than a kernel holds at once (the CUDA kernels take them in chunks)."""
+    for dtype, slots in ((torch.float32, 6), (torch.bfloat16, 9), (torch.float64, 5)):
+        q, k, v, lengths = attention_inputs(
+            2, 60, 2, 32, slots, direction, layout="random", extra_patches=1, dtype=dtype,
+            device=device, generator=generator, requires_grad=True,
+        )
+        assert_matches_reference(q, k, v, lengths, slots, direction, generator)
+
+
+@pytest.mark.parametrize("direction", DIRECTIONS)
+def test_unaligned_storage(device, generator, direction):
+    """Contiguous views that start one element into their storage (no 16-byte vector loads)."""
+    for head_dim in (64, 20):
+        q, k, v, lengths = attention_inputs(
+            2, 40, 2, head_dim, 2, direction, dtype=torch.float16, device=device,
+            generator=generator,
+        )
+
+        def shifted(x):
+            flat = torch.empty(x.numel() + 1, dtype=x.dtype, device=x.device)
+            view = flat[1:].view(x.shape)
+            view.copy_(x)
+            return view.requires_grad_()
+
+        q, k, v = shifted(q), shifted(k), shifted(v)
+        assert q.is_contiguous() and q.data_ptr() % 16 != 0
         assert_matches_reference(q, k, v, lengths, 2, direction, generator)
 
 
