@@ -49,7 +49,8 @@ def environment():
 
     import blt_ext
 
-    commit = subprocess.run(
+    # BLT_COMMIT names the commit where the checkout has no .git (a copied working tree).
+    commit = os.environ.get("BLT_COMMIT") or subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=HERE
     ).stdout.strip()
     info = {
