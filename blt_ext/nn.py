@@ -286,9 +286,10 @@ class EntropyPatcher(BackendModule):
 
     Example::
 
-        patcher = EntropyPatcher(my_byte_lm, threshold=1.335442066192627, max_patch_length=16)
-        layout = patcher(tokens)
-        lengths = layout.patch_lengths[:, : int(layout.patch_counts.max())]
+        byte_lm = torch.nn.Sequential(torch.nn.Embedding(260, 16), torch.nn.Linear(16, 260))
+        tokens = torch.tensor([[1, 76, 105, 112, 101, 115]])
+        layout = EntropyPatcher(byte_lm, threshold=1.335442066192627, max_patch_length=16)(tokens)
+        lengths = layout.patch_lengths[:, : int(layout.patch_counts.max())]  # sum T + 1
     """
 
     def __init__(

@@ -1,6 +1,5 @@
 """Generation: per-row state for batched prompts of different lengths, stopping, sampling, inputs."""
 
-
 import pytest
 import torch
 from torch import nn
