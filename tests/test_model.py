@@ -179,6 +179,22 @@ def test_global_block_causal_separates_documents_at_eos_patches():
     assert not torch.allclose(out[0, 1:4], base[0, 1:4])
 
 
+@pytest.mark.filterwarnings("ignore:.*flex_attention called without torch.compile")
+@torch.no_grad()  # flex_attention has no CPU backward
+def test_flex_attention_gives_the_sdpa_logits(device):
+    # compiled flex_attention needs head_dim >= 16
+    entropy = dataclasses.replace(preset("blt-entropy-tiny"), n_heads=2)
+    config = tiny(global_block_causal=True, n_heads_local_encoder=2, n_heads_local_decoder=2, entropy_model=entropy)
+    model = build(config, device=device)
+    tokens = torch.tensor([TOK.encode("two documents") + TOK.encode("in one row", add_eos=False)], device=device)
+    expected = model(tokens)
+    model.attn_impl = "flex"
+    assert model.entropy_model.attn_impl == "flex"
+    torch.testing.assert_close(model(tokens), expected, atol=2e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="attn_impl must be one of"):
+        model.attn_impl = "xformers"
+
+
 # ---- backends -------------------------------------------------------------------------------
 
 

@@ -43,7 +43,8 @@ def models(tmp_path_factory):
 @pytest.fixture
 def on_device(models, device):
     hf, ours = models
-    return hf.to(device), ours.to(device)
+    yield hf.to(device), ours.to(device)
+    hf.to("cpu"), ours.to("cpu")
 
 
 def ids_of(name, device="cpu"):

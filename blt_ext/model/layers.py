@@ -19,12 +19,15 @@ ATTN_IMPLS = ("sdpa", "flex")
 _compiled_flex = None
 
 
-def _flex_attention():
-    # flex_attention is only efficient compiled; compile once per process, on first use.
+def _flex_attention(device: torch.device):
+    """flex_attention, compiled once per process on CUDA (where it generates a fused kernel);
+    eager elsewhere (a plain masked attention, for tests and CPU runs)."""
     global _compiled_flex
-    if _compiled_flex is None:
-        from torch.nn.attention.flex_attention import flex_attention
+    from torch.nn.attention.flex_attention import flex_attention
 
+    if device.type != "cuda":
+        return flex_attention
+    if _compiled_flex is None:
         _compiled_flex = torch.compile(flex_attention, dynamic=False)
     return _compiled_flex
 
@@ -108,7 +111,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMas
     """Masked softmax attention of q [B, H, S, D] over k, v [B, Hkv, S, D] (GQA when Hkv < H)."""
     gqa = k.shape[1] != q.shape[1]
     if mask.block is not None:
-        return _flex_attention()(q, k, v, block_mask=mask.block, enable_gqa=gqa)
+        return _flex_attention(q.device)(q, k, v, block_mask=mask.block, enable_gqa=gqa)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.dense, enable_gqa=gqa)
 
 
