@@ -22,6 +22,7 @@ from collections import defaultdict
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))  # run from a checkout without installing blt_ext
 PROVIDER_ORDER = ["ext", "torch", "compile", "sdpa", "flex", "flex+mask"]
 
 

@@ -1,0 +1,375 @@
+// Entropy patching on CUDA (BLT_SPEC.md c), every row patched on its own, no host sync.
+//
+// entropy: one warp per row of V logits, read once with 16-byte loads; each lane keeps an online
+// (max, sum e^d, sum e^d d) in fp32 and the warp merges them. entropy_patch_starts and
+// space_patch_starts: one thread per output position. patch_layout: one block per row scanning
+// its T + 1 positions in tiles, a max-scan for the last natural start (which also places the
+// max_patch_length splits) and a sum-scan for the patch index.
+//
+// Value rules checked on CPU are not checked here (a host sync): on CUDA position 0 always starts
+// a patch, column T is ignored without include_next_token, and tokens outside [0, 260) follow
+// the space rule arithmetically; no bad value makes a kernel read or write out of bounds.
+#include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <limits>
+
+#include "blt_ext.h"
+#include "common/entropy_patch.h"
+
+namespace blt_ext::cuda {
+namespace {
+
+using namespace blt_ext::entropy_patch;
+
+constexpr unsigned kFullMask = 0xffffffffu;
+
+// ---- entropy ----
+
+__device__ __forceinline__ float fast_exp(float x) { return __expf(x); }
+__device__ __forceinline__ double fast_exp(double x) { return exp(x); }
+
+// Softmax statistics of a set of logits: m = max, s = sum e^(z-m), t = sum e^(z-m) (z-m); the
+// entropy is log s - t / s. s == 0 marks the empty set (or only -inf logits).
+template <typename acc_t>
+struct SoftmaxStats {
+  acc_t m, s, t;
+};
+
+template <typename acc_t>
+__device__ __forceinline__ SoftmaxStats<acc_t> merge(SoftmaxStats<acc_t> a, SoftmaxStats<acc_t> b) {
+  if (a.m < b.m) {
+    const SoftmaxStats<acc_t> c = a;
+    a = b;
+    b = c;
+  }
+  if (b.s == acc_t(0)) return a;
+  // b's terms rebased on a's max: e^(z - a.m) = f e^(z - b.m), (z - a.m) = (z - b.m) + d.
+  const acc_t d = b.m - a.m;
+  const acc_t f = fast_exp(d);
+  return {a.m, a.s + f * b.s, a.t + f * (b.t + d * b.s)};
+}
+
+// Adds n logits to a lane's statistics. Shifted logits are clamped at -87 (float) / -700
+// (double): exp there is negligible beside the max term's 1, and -inf logits stay finite.
+template <typename acc_t, int n>
+__device__ __forceinline__ void accumulate(SoftmaxStats<acc_t>& st, bool& bad, const acc_t (&z)[n]) {
+  constexpr acc_t kLo = sizeof(acc_t) == 4 ? acc_t(-87) : acc_t(-700);
+  acc_t chunk_max = st.m;
+#pragma unroll
+  for (int i = 0; i < n; ++i) {
+    chunk_max = z[i] > chunk_max ? z[i] : chunk_max;
+    bad |= !(z[i] < std::numeric_limits<acc_t>::infinity());  // NaN or +inf: the entropy is NaN
+  }
+  if (chunk_max == -std::numeric_limits<acc_t>::infinity()) return;
+  if (chunk_max > st.m && st.s > acc_t(0)) {
+    const acc_t d = st.m - chunk_max;
+    const acc_t f = fast_exp(d);
+    st.t = f * (st.t + d * st.s);
+    st.s *= f;
+  }
+  st.m = chunk_max;
+#pragma unroll
+  for (int i = 0; i < n; ++i) {
+    acc_t d = z[i] - st.m;
+    d = d < kLo ? kLo : d;
+    const acc_t e = fast_exp(d);
+    st.s += e;
+    st.t += e * d;
+  }
+}
+
+template <typename T, int N>
+struct alignas(sizeof(T) * N) Vec {
+  T v[N];
+};
+
+constexpr int kEntropyThreads = 256;
+constexpr int kEntropyRowsPerBlock = kEntropyThreads / 32;
+
+// One warp per row. A row starts at any element offset, so its first elements up to a 16-byte
+// boundary (head) and its last ones (tail) are read one at a time.
+template <typename scalar_t>
+__global__ void __launch_bounds__(kEntropyThreads)
+    entropy_kernel(const scalar_t* __restrict__ logits, opmath_t<scalar_t>* __restrict__ out, int64_t rows,
+                   int64_t V) {
+  using acc_t = opmath_t<scalar_t>;
+  constexpr int kVec = 16 / sizeof(scalar_t);
+  const int lane = threadIdx.x % 32;
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * kEntropyRowsPerBlock + threadIdx.x / 32;
+  if (row >= rows) return;
+  const scalar_t* z = logits + row * V;
+  const int64_t misalignment = (reinterpret_cast<uintptr_t>(z) % 16) / sizeof(scalar_t);
+  const int64_t head = std::min<int64_t>(V, misalignment == 0 ? 0 : kVec - misalignment);
+  const int64_t vectors = (V - head) / kVec;
+  const int64_t tail = head + vectors * kVec;
+
+  SoftmaxStats<acc_t> st{-std::numeric_limits<acc_t>::infinity(), acc_t(0), acc_t(0)};
+  bool bad = false;
+  const auto* body = reinterpret_cast<const Vec<scalar_t, kVec>*>(z + head);
+  for (int64_t i = lane; i < vectors; i += 32) {
+    const Vec<scalar_t, kVec> raw = body[i];
+    acc_t x[kVec];
+#pragma unroll
+    for (int j = 0; j < kVec; ++j) x[j] = static_cast<acc_t>(raw.v[j]);
+    accumulate(st, bad, x);
+  }
+  // head < kVec and V - tail < kVec: at most 14 single elements, one per lane.
+  const int64_t single = lane < head ? lane : tail + (lane - head);
+  if (lane < head || single < V) {
+    const acc_t x[1] = {static_cast<acc_t>(z[single])};
+    accumulate(st, bad, x);
+  }
+#pragma unroll
+  for (int offset = 16; offset > 0; offset /= 2) {
+    const SoftmaxStats<acc_t> other{__shfl_xor_sync(kFullMask, st.m, offset),
+                                    __shfl_xor_sync(kFullMask, st.s, offset),
+                                    __shfl_xor_sync(kFullMask, st.t, offset)};
+    st = merge(st, other);
+    bad |= __shfl_xor_sync(kFullMask, static_cast<int>(bad), offset) != 0;
+  }
+  if (lane == 0) {
+    out[row] = bad ? std::numeric_limits<acc_t>::quiet_NaN() : log(st.s) - st.t / st.s;
+  }
+}
+
+// ---- start masks ----
+
+constexpr int kElementwiseThreads = 256;
+
+unsigned elementwise_blocks(int64_t n) {
+  const int64_t blocks = (n + kElementwiseThreads - 1) / kElementwiseThreads;
+  TORCH_CHECK(blocks <= INT32_MAX, "blt_ext: too many positions for one launch: ", n);
+  return static_cast<unsigned>(blocks);
+}
+
+template <typename scalar_t>
+__global__ void entropy_patch_starts_kernel(const scalar_t* __restrict__ entropies, bool* __restrict__ starts,
+                                            int64_t B, int64_t T, int64_t L, StartMode mode, scalar_t threshold,
+                                            scalar_t threshold_add) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= B * (T + 1)) return;
+  const int64_t b = i / (T + 1), p = i % (T + 1);
+  const scalar_t* h = entropies + b * T;
+  starts[i] = p < L && (p < 2 || entropy_starts_at(mode, p, h[p - 1], h[p - 2], threshold, threshold_add));
+}
+
+__global__ void space_patch_starts_kernel(const int64_t* __restrict__ tokens, bool* __restrict__ starts, int64_t B,
+                                          int64_t T, int64_t L) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= B * (T + 1)) return;
+  const int64_t b = i / (T + 1), p = i % (T + 1);
+  const int64_t* t = tokens + b * T;
+  starts[i] = p < L && (p < 2 || space_starts_at(t[p - 2], t[p - 1]));
+}
+
+// ---- patch layout ----
+
+constexpr int kLayoutThreads = 512;
+constexpr int kLayoutItems = 8;  // consecutive positions per thread
+constexpr int kLayoutTile = kLayoutThreads * kLayoutItems;
+
+struct Sum {
+  __device__ int operator()(int a, int b) const { return a + b; }
+};
+struct Max {
+  __device__ int operator()(int a, int b) const { return a > b ? a : b; }
+};
+
+// Exclusive scan of one value per thread over the block (threads in order); `total` gets the
+// scan of all of them. Every thread of the block must call it.
+template <typename Op>
+__device__ int block_exclusive_scan(int value, int identity, Op op, int* shared, int& total) {
+  constexpr int kWarps = kLayoutThreads / 32;
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  int inclusive = value;
+#pragma unroll
+  for (int offset = 1; offset < 32; offset *= 2) {
+    const int other = __shfl_up_sync(kFullMask, inclusive, offset);
+    if (lane >= offset) inclusive = op(other, inclusive);
+  }
+  if (lane == 31) shared[warp] = inclusive;
+  __syncthreads();
+  if (warp == 0) {
+    int w = lane < kWarps ? shared[lane] : identity;
+#pragma unroll
+    for (int offset = 1; offset < 32; offset *= 2) {
+      const int other = __shfl_up_sync(kFullMask, w, offset);
+      if (lane >= offset) w = op(other, w);
+    }
+    shared[lane] = w;
+  }
+  __syncthreads();
+  const int before_warp = warp == 0 ? identity : shared[warp - 1];
+  int before_lane = __shfl_up_sync(kFullMask, inclusive, 1);
+  before_lane = lane == 0 ? identity : before_lane;
+  total = shared[kWarps - 1];
+  __syncthreads();  // `shared` is reused by the next scan
+  return op(before_warp, before_lane);
+}
+
+// Position p starts a patch iff it is a natural start or, with splitting, lies a multiple of m
+// after the last natural start s: patches split greedily into m, m, ..., remainder.
+template <bool kSplit>
+__device__ __forceinline__ bool on_split_grid(int offset, int m) {
+  return kSplit ? offset % m == 0 : offset == 0;
+}
+
+template <bool kSplit>
+__global__ void __launch_bounds__(kLayoutThreads)
+    patch_layout_kernel(const bool* __restrict__ starts, int64_t* __restrict__ patch_ids,
+                        int64_t* __restrict__ patch_lengths, int64_t* __restrict__ patch_counts, int T, int L,
+                        int m) {
+  __shared__ int shared[32];
+  const int64_t b = blockIdx.x;
+  const bool* row = starts + b * (T + 1);
+  int64_t* ids = patch_ids + b * T;
+  int64_t* lengths = patch_lengths + b * (T + 1);
+  int natural_before = 0;  // last natural start before the tile (position 0 always starts)
+  int count_before = 0;    // patches started before the tile
+  for (int tile = 0; tile < L; tile += kLayoutTile) {
+    const int base = tile + threadIdx.x * kLayoutItems;
+    bool natural[kLayoutItems];
+    int my_last_natural = -1;
+#pragma unroll
+    for (int i = 0; i < kLayoutItems; ++i) {
+      const int p = base + i;
+      natural[i] = p < L && (p == 0 || row[p]);
+      my_last_natural = natural[i] ? p : my_last_natural;
+    }
+    int tile_last_natural;
+    int last_natural = max(natural_before, block_exclusive_scan(my_last_natural, -1, Max{}, shared,
+                                                                tile_last_natural));
+    natural_before = max(natural_before, tile_last_natural);
+
+    bool start[kLayoutItems];
+    int my_count = 0;
+    int s = last_natural;
+#pragma unroll
+    for (int i = 0; i < kLayoutItems; ++i) {
+      const int p = base + i;
+      s = natural[i] ? p : s;
+      start[i] = p < L && on_split_grid<kSplit>(p - s, m);
+      my_count += start[i];
+    }
+    int tile_count;
+    int k = count_before + block_exclusive_scan(my_count, 0, Sum{}, shared, tile_count);
+    count_before += tile_count;
+
+    s = last_natural;
+#pragma unroll
+    for (int i = 0; i < kLayoutItems; ++i) {
+      const int p = base + i;
+      if (p < L) {
+        s = natural[i] ? p : s;
+        k += start[i];
+        if (p < T) ids[p] = k - 1;
+        if (p + 1 == L || row[p + 1] || on_split_grid<kSplit>(p + 1 - s, m)) {  // p ends a patch
+          const int begin = kSplit ? s + (p - s) / m * m : s;
+          lengths[k - 1] = p - begin + 1;
+        }
+      }
+    }
+  }
+  for (int j = count_before + threadIdx.x; j <= T; j += kLayoutThreads) lengths[j] = 0;
+  if (threadIdx.x == 0) patch_counts[b] = count_before;
+}
+
+}  // namespace
+
+at::Tensor entropy(const at::Tensor& logits) {
+  check_logits(logits);
+  const c10::cuda::CUDAGuard guard(logits.device());
+  const at::Tensor z = logits.contiguous();
+  const int64_t V = z.size(-1);
+  const int64_t rows = z.numel() / V;
+  const auto out_dtype = z.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor out = at::empty(z.sizes().slice(0, z.dim() - 1), z.options().dtype(out_dtype));
+  if (rows == 0) return out;
+  const int64_t blocks = (rows + kEntropyRowsPerBlock - 1) / kEntropyRowsPerBlock;
+  TORCH_CHECK(blocks <= INT32_MAX, "blt_ext.entropy: too many rows for one launch: ", rows);
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "blt_ext.entropy", [&] {
+    entropy_kernel<scalar_t><<<static_cast<unsigned>(blocks), kEntropyThreads, 0, stream>>>(
+        z.const_data_ptr<scalar_t>(), out.mutable_data_ptr<opmath_t<scalar_t>>(), rows, V);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
+}
+
+at::Tensor entropy_patch_starts(const at::Tensor& entropies, double threshold, std::optional<double> threshold_add,
+                                bool monotonicity, bool include_next_token) {
+  check_entropy_patch_starts_args(entropies, threshold, threshold_add);
+  const c10::cuda::CUDAGuard guard(entropies.device());
+  const at::Tensor h = entropies.contiguous();
+  const int64_t B = h.size(0), T = h.size(1);
+  at::Tensor starts = at::empty({B, T + 1}, h.options().dtype(at::kBool));
+  if (B == 0) return starts;
+  const StartMode mode = start_mode(threshold_add, monotonicity);
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h.scalar_type(), "blt_ext.entropy_patch_starts", [&] {
+    // Rounded to the entropies' dtype on the host, as `entropies > threshold` rounds the Python float.
+    entropy_patch_starts_kernel<scalar_t><<<elementwise_blocks(B * (T + 1)), kElementwiseThreads, 0, stream>>>(
+        h.const_data_ptr<scalar_t>(), starts.mutable_data_ptr<bool>(), B, T, T + include_next_token, mode,
+        static_cast<scalar_t>(threshold), static_cast<scalar_t>(threshold_add.value_or(0.0)));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return starts;
+}
+
+at::Tensor space_patch_starts(const at::Tensor& tokens, bool include_next_token) {
+  check_space_patch_starts_args(tokens);
+  const c10::cuda::CUDAGuard guard(tokens.device());
+  const at::Tensor t = tokens.contiguous();
+  const int64_t B = t.size(0), T = t.size(1);
+  at::Tensor starts = at::empty({B, T + 1}, t.options().dtype(at::kBool));
+  if (B == 0) return starts;
+  space_patch_starts_kernel<<<elementwise_blocks(B * (T + 1)), kElementwiseThreads, 0,
+                              c10::cuda::getCurrentCUDAStream()>>>(t.const_data_ptr<int64_t>(),
+                                                                   starts.mutable_data_ptr<bool>(), B, T,
+                                                                   T + include_next_token);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return starts;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> patch_layout(const at::Tensor& starts, bool include_next_token,
+                                                            std::optional<int64_t> max_patch_length) {
+  check_patch_layout_args(starts, max_patch_length);
+  const c10::cuda::CUDAGuard guard(starts.device());
+  const at::Tensor s = starts.contiguous();
+  const int64_t B = s.size(0), T = s.size(1) - 1, L = T + include_next_token;
+  TORCH_CHECK_VALUE(T < INT32_MAX - kLayoutTile, "blt_ext.patch_layout: starts.size(1) (T + 1) must be < 2^31 - ",
+                    kLayoutTile, " on CUDA, got ", T + 1);
+  TORCH_CHECK_VALUE(B <= INT32_MAX, "blt_ext.patch_layout: starts.size(0) (batch size B) must be < 2^31 on CUDA, got ",
+                    B);
+  at::Tensor patch_ids = at::empty({B, T}, s.options().dtype(at::kLong));
+  at::Tensor patch_lengths = at::empty({B, T + 1}, s.options().dtype(at::kLong));
+  at::Tensor patch_counts = at::empty({B}, s.options().dtype(at::kLong));
+  if (B == 0) return {patch_ids, patch_lengths, patch_counts};
+  // A patch is at most L long, so any m >= L splits nothing.
+  const bool split = max_patch_length.has_value() && *max_patch_length < L;
+  const int m = split ? static_cast<int>(*max_patch_length) : 1;
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  const auto kernel = split ? patch_layout_kernel<true> : patch_layout_kernel<false>;
+  kernel<<<static_cast<unsigned>(B), kLayoutThreads, 0, stream>>>(
+      s.const_data_ptr<bool>(), patch_ids.mutable_data_ptr<int64_t>(), patch_lengths.mutable_data_ptr<int64_t>(),
+      patch_counts.mutable_data_ptr<int64_t>(), static_cast<int>(T), static_cast<int>(L), m);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {patch_ids, patch_lengths, patch_counts};
+}
+
+}  // namespace blt_ext::cuda
+
+TORCH_LIBRARY_IMPL(blt_ext, CUDA, m) {
+  m.impl("entropy", &blt_ext::cuda::entropy);
+  m.impl("entropy_patch_starts", &blt_ext::cuda::entropy_patch_starts);
+  m.impl("space_patch_starts", &blt_ext::cuda::space_patch_starts);
+  m.impl("patch_layout", &blt_ext::cuda::patch_layout);
+}
