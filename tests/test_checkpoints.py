@@ -120,6 +120,13 @@ def test_transformers_config_we_cannot_run_is_refused(tmp_path, hf_dir, edit, me
         load_transformers(tmp_path)
 
 
+def test_checkpoint_without_patcher_patches_bytes(tmp_path):
+    hf_tiny_model(patch_in_forward=False).save_pretrained(tmp_path)
+    model = load_transformers(tmp_path, backend="torch")
+    assert model.entropy_model is None and model.config.patching_mode == "byte"
+    assert model.patch(ids()).patch_lengths.tolist() == [[1] * (ids().shape[1] + 1)]
+
+
 def test_loading_with_a_different_expected_config_is_refused(hf_dir):
     expected = dataclasses.replace(load_transformers(hf_dir).config, patching_threshold=2.0)
     with pytest.raises(CheckpointError, match="patching_threshold: checkpoint 1.33.* vs given 2.0"):

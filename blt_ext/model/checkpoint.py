@@ -101,10 +101,13 @@ def config_from_transformers(hf: dict) -> BLTConfig:
         _require(sub.get("hidden_size_global", glob["hidden_size"]) == glob["hidden_size"],
                  f"config.json: {name}.hidden_size_global must equal global_config.hidden_size")
     mode = hf.get("patching_mode", "entropy")
-    _require(mode in ("entropy", "byte", "space", "static"), f"config.json: patching_mode {mode!r} is not supported")
+    _require(mode in ("entropy", "byte"), f"config.json: patching_mode {mode!r} is not supported")
+    has_patcher = bool(hf.get("patch_in_forward", True)) and hf.get("patcher_config") is not None
+    if not has_patcher:
+        mode = "byte"  # what transformers does without a patcher: one-byte patches
 
     entropy = None
-    if hf.get("patch_in_forward", True) and hf.get("patcher_config") is not None:
+    if has_patcher:
         pc = hf["patcher_config"]
         entropy = EntropyModelConfig(
             vocab_size=pc.get("vocab_size", 260),

@@ -16,7 +16,9 @@ class EntropyModel(nn.Module):
     ``forward(tokens [B, T] int64) -> logits [B, T, vocab]`` in fp32. Self-attention is causal,
     block-diagonal at EOS and limited to ``config.sliding_window`` keys, with RoPE (theta
     ``config.rope_theta``, 10000 for the released model) at absolute row positions. Rows are
-    independent: the batch is never flattened (the original's batch bleed is not reproduced).
+    independent: the batch is never flattened (the original's batch bleed is not reproduced),
+    and rows are not cut into 8192-byte chunks (the original restarts the context there; with
+    the window the chunk start is the only place that differs).
     """
 
     def __init__(self, config: EntropyModelConfig, attn_impl: str = "sdpa"):

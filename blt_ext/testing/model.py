@@ -39,6 +39,7 @@ def hf_tiny_model(seed: int = 0, patcher_scale: float = 6.0, **overrides) -> Blt
     """
     torch.manual_seed(seed)
     model = BltForCausalLM(hf_tiny_config(**overrides)).eval()
-    with torch.no_grad():
-        model.model.patcher.lm_head.weight.mul_(patcher_scale)
+    if model.model.patcher is not None:
+        with torch.no_grad():
+            model.model.patcher.lm_head.weight.mul_(patcher_scale)
     return model
