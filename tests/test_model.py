@@ -180,6 +180,14 @@ def test_global_block_causal_separates_documents_at_eos_patches():
 
 
 @pytest.mark.filterwarnings("ignore:.*flex_attention called without torch.compile")
+def test_forward_with_explicit_patches_compiles_to_one_graph(device):
+    model = build(device=device)
+    tokens = encode(TEXT, device)
+    lengths = model.patch(tokens).patch_lengths
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")  # graph capture, no codegen
+    torch.testing.assert_close(compiled(tokens, lengths), model(tokens, lengths), atol=1e-6, rtol=1e-6)
+
+
 @torch.no_grad()  # flex_attention has no CPU backward
 def test_flex_attention_gives_the_sdpa_logits(device):
     # compiled flex_attention needs head_dim >= 16

@@ -282,7 +282,8 @@ class ByteLatentTransformer(nn.Module):
         if patch_lengths.device != tokens.device:
             raise ValueError(f"{where}: patch_lengths is on {patch_lengths.device} but tokens on {tokens.device}")
         patch_lengths = patch_lengths.long()
-        if patch_lengths.device.type == "cpu" and tokens.shape[1] > 0:  # value checks would sync a GPU
+        # value checks would sync a GPU and break a compiled graph: eager CPU only
+        if patch_lengths.device.type == "cpu" and tokens.shape[1] > 0 and not torch.compiler.is_compiling():
             n = tokens.shape[1]
             sums = patch_lengths.sum(1)
             if (patch_lengths < 0).any():
