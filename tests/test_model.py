@@ -188,6 +188,7 @@ def test_forward_with_explicit_patches_compiles_to_one_graph(device):
     torch.testing.assert_close(compiled(tokens, lengths), model(tokens, lengths), atol=1e-6, rtol=1e-6)
 
 
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 @torch.no_grad()  # flex_attention has no CPU backward
 def test_flex_attention_gives_the_sdpa_logits(device):
     # compiled flex_attention needs head_dim >= 16
