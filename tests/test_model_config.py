@@ -77,6 +77,7 @@ def test_presets_and_their_sizes():
         ({"patching_mode": "bpe"}, "patching_mode must be one of"),
         ({"pooling": "sum"}, "pooling must be one of"),
         ({"cross_attn_k": 0}, "cross_attn_k must be >= 1"),
+        ({"n_layers_local_encoder": 0}, "at least one layer"),
         ({"encoder_hash_byte_group_size": ()}, "n-gram sizes"),
         ({"local_attention_window_len": 0}, "local_attention_window_len"),
     ],

@@ -17,13 +17,9 @@ from ..nn import (
 )
 from .config import BLTConfig
 from .entropy_model import EntropyModel
-from .layers import ATTN_IMPLS, AttentionMask, TransformerBlock, document_ids, rope_angles, self_attention_mask
+from .layers import ATTN_IMPLS, AttentionMask, TransformerBlock, document_ids, rope_for_length, self_attention_mask
 from .loss import LossOutput, next_byte_loss
 from .tokenizer import EOS_ID
-
-
-def _rope(seq_len: int, head_dim: int, theta: float, device) -> tuple[torch.Tensor, torch.Tensor]:
-    return rope_angles(torch.arange(seq_len, device=device), head_dim, theta)
 
 
 class LocalEncoder(nn.Module):
@@ -76,7 +72,7 @@ class LocalEncoder(nn.Module):
         b, seq_len = tokens.shape
         num_patches = patch_lengths.shape[1]
         h = self.embedding(tokens)
-        rope = _rope(seq_len, self.head_dim, self.rope_theta, tokens.device)
+        rope = rope_for_length(seq_len, self.head_dim, self.rope_theta, tokens.device)
         slots = None
         last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
@@ -123,7 +119,7 @@ class GlobalTransformer(nn.Module):
         if self.token_embedding_projection is not None:
             x = self.token_embedding_projection(x)
         mask = self_attention_mask(doc_ids, num_patches, None, attn_impl, batch=b, device=x.device)
-        rope = _rope(num_patches, self.head_dim, self.rope_theta, x.device)
+        rope = rope_for_length(num_patches, self.head_dim, self.rope_theta, x.device)
         for layer in self.layers:
             x = layer(x, rope, mask)
         return x
@@ -167,7 +163,7 @@ class LocalDecoder(nn.Module):
     def forward(self, h: torch.Tensor, patches: torch.Tensor, patch_lengths: torch.Tensor, mask: AttentionMask):
         b, seq_len, _ = h.shape
         slots = self.patch_embedding_projection(patches).view(b, patches.shape[1] * self.k, self.dim)
-        rope = _rope(seq_len, self.head_dim, self.rope_theta, h.device)
+        rope = rope_for_length(seq_len, self.head_dim, self.rope_theta, h.device)
         for i, layer in enumerate(self.layers):
             if self.all_layers or i == 0:
                 h = h + self.cross_attn_layers[i](h, slots, patch_lengths)

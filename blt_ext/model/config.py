@@ -143,6 +143,10 @@ class BLTConfig:
             f"BLTConfig: dim_local_encoder ({self.dim_local_encoder}) must equal dim_local_decoder "
             f"({self.dim_local_decoder}): the decoder reads the encoder's byte states",
         )
+        _check(
+            self.n_layers_local_encoder >= 1 and self.n_layers_local_decoder >= 1,
+            "BLTConfig: the local encoder and decoder need at least one layer (they carry the cross-attention)",
+        )
         _check(self.cross_attn_k >= 1, f"BLTConfig: cross_attn_k must be >= 1, got {self.cross_attn_k}")
         _check(self.vocab_size >= VOCAB_SIZE, f"BLTConfig: vocab_size must be >= {VOCAB_SIZE}")
         _check(

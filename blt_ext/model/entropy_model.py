@@ -7,7 +7,7 @@ from torch import nn
 
 from ..nn import RMSNorm, init_trunc_normal
 from .config import EntropyModelConfig
-from .layers import TransformerBlock, document_ids, rope_angles, self_attention_mask
+from .layers import TransformerBlock, document_ids, rope_for_length, self_attention_mask
 
 
 class EntropyModel(nn.Module):
@@ -46,7 +46,7 @@ class EntropyModel(nn.Module):
         c = self.config
         seq_len = tokens.shape[1]
         mask = self_attention_mask(document_ids(tokens), seq_len, c.sliding_window, self.attn_impl)
-        rope = rope_angles(torch.arange(seq_len, device=tokens.device), c.dim // c.n_heads, c.rope_theta)
+        rope = rope_for_length(seq_len, c.dim // c.n_heads, c.rope_theta, tokens.device)
         h = self.embed_tokens(tokens)
         for layer in self.layers:
             h = layer(h, rope, mask)

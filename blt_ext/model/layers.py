@@ -39,6 +39,11 @@ def rope_angles(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[t
     return angles.cos(), angles.sin()
 
 
+def rope_for_length(seq_len: int, head_dim: int, theta: float, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """RoPE cos, sin for positions 0..seq_len-1 (absolute within the row, as the original)."""
+    return rope_angles(torch.arange(seq_len, device=device), head_dim, theta)
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate adjacent pairs (x0, x1), (x2, x3), ... of ``x`` [B, S, H, D] (interleaved RoPE).
 
