@@ -1,0 +1,187 @@
+"""Stock-PyTorch transformer pieces shared by the entropy model and the BLT (BLT_SPEC.md g).
+
+Nothing here depends on the backend switch: both backends run exactly this code.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..nn import RMSNorm, init_trunc_normal
+from .tokenizer import EOS_ID
+
+ATTN_IMPLS = ("sdpa", "flex")
+
+_compiled_flex = None
+
+
+def _flex_attention(device: torch.device):
+    """flex_attention, compiled once per process on CUDA (where it generates a fused kernel);
+    eager elsewhere (a plain masked attention, for tests and CPU runs)."""
+    global _compiled_flex
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if device.type != "cuda":
+        return flex_attention
+    if _compiled_flex is None:
+        _compiled_flex = torch.compile(flex_attention, dynamic=False)
+    return _compiled_flex
+
+
+def rope_angles(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [..., head_dim / 2] (fp32) for integer ``positions`` [...]: angle = pos * theta^(-2i/d)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
+    angles = positions.to(torch.float32).unsqueeze(-1) * inv_freq
+    return angles.cos(), angles.sin()
+
+
+def rope_for_length(seq_len: int, head_dim: int, theta: float, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """RoPE cos, sin for positions 0..seq_len-1 (absolute within the row, as the original)."""
+    return rope_angles(torch.arange(seq_len, device=device), head_dim, theta)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate adjacent pairs (x0, x1), (x2, x3), ... of ``x`` [B, S, H, D] (interleaved RoPE).
+
+    ``cos``/``sin`` are [S, D/2] or [B, S, D/2]; computed in fp32 and cast back, as the original.
+    """
+    xf = x.float().unflatten(-1, (-1, 2))
+    x0, x1 = xf[..., 0], xf[..., 1]
+    cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)  # broadcast over heads
+    out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
+    return out.flatten(-2).type_as(x)
+
+
+def document_ids(tokens: torch.Tensor, eos_id: int = EOS_ID) -> torch.Tensor:
+    """[B, T] index of the document of each position: an EOS closes its document (it belongs to it)."""
+    eos = (tokens == eos_id).to(torch.int32)
+    return torch.cumsum(eos, dim=1) - eos
+
+
+class AttentionMask(NamedTuple):
+    """A self-attention mask in the form its implementation wants (dense bool or flex BlockMask)."""
+
+    dense: torch.Tensor | None  # [B, 1, S, S] bool, True = attend
+    block: object | None  # torch.nn.attention.flex_attention.BlockMask
+
+
+def self_attention_mask(
+    doc_ids: torch.Tensor | None,
+    seq_len: int,
+    window: int | None,
+    impl: str = "sdpa",
+    batch: int = 1,
+    device: torch.device | None = None,
+) -> AttentionMask:
+    """Causal mask, block-diagonal by ``doc_ids`` [B, S] when given, limited to ``window`` keys.
+
+    Query i sees key j iff j <= i, i - j < window and doc(i) == doc(j) (BLT_SPEC.md d, g).
+    """
+    if impl not in ATTN_IMPLS:
+        raise ValueError(f"attn_impl must be one of {ATTN_IMPLS}, got {impl!r}")
+    if doc_ids is not None:
+        batch, device = doc_ids.shape[0], doc_ids.device
+    if impl == "sdpa":
+        i = torch.arange(seq_len, device=device)
+        rel = i[:, None] - i[None, :]
+        allowed = rel >= 0
+        if window is not None:
+            allowed = allowed & (rel < window)
+        allowed = allowed.expand(batch, 1, seq_len, seq_len)
+        if doc_ids is not None:
+            allowed = allowed & (doc_ids[:, None, :, None] == doc_ids[:, None, None, :])
+        return AttentionMask(allowed, None)
+
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def mask_mod(b, h, q, k):
+        ok = q >= k
+        if window is not None:
+            ok = ok & (q - k < window)
+        if doc_ids is not None:
+            ok = ok & (doc_ids[b, q] == doc_ids[b, k])
+        return ok
+
+    block = create_block_mask(
+        mask_mod, batch if doc_ids is not None else None, None, seq_len, seq_len, device=device
+    )
+    return AttentionMask(None, block)
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask) -> torch.Tensor:
+    """Masked softmax attention of q [B, H, S, D] over k, v [B, Hkv, S, D] (GQA when Hkv < H)."""
+    gqa = k.shape[1] != q.shape[1]
+    if mask.block is not None:
+        return _flex_attention(q.device)(q, k, v, block_mask=mask.block, enable_gqa=gqa)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.dense, enable_gqa=gqa)
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: ``down_proj(silu(gate_proj(x)) * up_proj(x))`` (original w2(silu(w1 x) * w3 x))."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden, bias=False)
+        self.up_proj = nn.Linear(dim, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+    def reset_parameters(self) -> None:
+        init_trunc_normal(self.gate_proj.weight, self.gate_proj.in_features**-0.5)
+        init_trunc_normal(self.up_proj.weight, self.up_proj.in_features**-0.5)
+        init_trunc_normal(self.down_proj.weight, self.down_proj.in_features**-0.5)
+
+
+class SelfAttention(nn.Module):
+    """Multi-head (or grouped-query) self-attention with interleaved RoPE, no biases."""
+
+    def __init__(self, dim: int, n_heads: int, n_kv_heads: int | None = None):
+        super().__init__()
+        self.n_heads = n_heads
+        self.n_kv_heads = n_kv_heads or n_heads
+        self.head_dim = dim // n_heads
+        self.q_proj = nn.Linear(dim, n_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(n_heads * self.head_dim, dim, bias=False)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: AttentionMask) -> torch.Tensor:
+        b, s, _ = x.shape
+        q = apply_rope(self.q_proj(x).view(b, s, self.n_heads, self.head_dim), *rope)
+        k = apply_rope(self.k_proj(x).view(b, s, self.n_kv_heads, self.head_dim), *rope)
+        v = self.v_proj(x).view(b, s, self.n_kv_heads, self.head_dim)
+        out = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask)
+        return self.o_proj(out.transpose(1, 2).reshape(b, s, -1))
+
+    def reset_parameters(self) -> None:
+        std = self.q_proj.in_features**-0.5
+        for proj in (self.q_proj, self.k_proj, self.v_proj):
+            init_trunc_normal(proj.weight, std)
+        init_trunc_normal(self.o_proj.weight, std)
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm block: x + attn(norm(x)), then h + ffn(norm(h)) (Llama names, as transformers)."""
+
+    def __init__(self, dim: int, n_heads: int, n_kv_heads: int | None, ffn_dim: int, norm_eps: float):
+        super().__init__()
+        self.input_layernorm = RMSNorm(dim, norm_eps)
+        self.self_attn = SelfAttention(dim, n_heads, n_kv_heads)
+        self.post_attention_layernorm = RMSNorm(dim, norm_eps)
+        self.mlp = FeedForward(dim, ffn_dim)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: AttentionMask) -> torch.Tensor:
+        h = x + self.self_attn(self.input_layernorm(x), rope, mask)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+    def reset_parameters(self) -> None:
+        self.input_layernorm.reset_parameters()
+        self.post_attention_layernorm.reset_parameters()
+        self.self_attn.reset_parameters()
+        self.mlp.reset_parameters()
