@@ -1,5 +1,6 @@
-"""Shared fixtures. CUDA cases exist only where torch sees a GPU (so a CPU run skips nothing);
-they carry the ``cuda`` marker, so ``pytest -m cuda`` runs exactly the GPU tests."""
+"""Shared fixtures. CUDA cases exist only where torch sees a GPU (so a CPU run skips nothing):
+the ``device`` fixture adds a CUDA case there, and files named ``*_cuda.py`` are collected only
+there. Both carry the ``cuda`` marker, so ``pytest -m cuda`` runs exactly the GPU tests."""
 
 import pytest
 import torch
@@ -8,6 +9,10 @@ import blt_ext  # noqa: F401  (registers torch.ops.blt_ext)
 
 HAS_CUDA = torch.cuda.is_available() and blt_ext.WITH_CUDA
 DEVICES = ["cpu"] + ([pytest.param("cuda", marks=pytest.mark.cuda)] if HAS_CUDA else [])
+
+
+def pytest_ignore_collect(collection_path, config):
+    return collection_path.name.endswith("_cuda.py") and not HAS_CUDA
 
 
 @pytest.fixture(params=DEVICES)
