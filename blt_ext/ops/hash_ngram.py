@@ -129,13 +129,18 @@ def hash_ngram_embedding(
 
     Returns:
         [B, T, D] in the weights' dtype, summed in float32 (float64 for float64 weights).
-        Differentiable with respect to both weights; the backward is deterministic on CPU,
-        and on CUDA when ``torch.use_deterministic_algorithms(True)`` is set (else atomics).
+        Differentiable with respect to both weights (dense gradients). The backward is
+        deterministic on CPU; on CUDA the byte table's gradient always is, and the hash
+        tables' is when ``torch.use_deterministic_algorithms(True)`` is set (a sort and
+        float32 segment sums), else it is added with atomics in the weights' dtype.
 
     Raises:
         TypeError: tokens not int64, weights not floating or of different dtypes.
         ValueError: a wrong rank, D mismatch, a different device, hash_weight rows not a
-        positive multiple of num_tables, a bad config, or (CPU only) a token out of the byte table.
+        positive multiple of num_tables, a bad config, or (CPU only: a CUDA check would
+        synchronize) a token out of the byte table; CUDA hashes such a token as it is and
+        leaves its byte row out. On CUDA the backward takes at most 12288 byte rows (6144 in
+        float64).
     """
     return _ops.hash_ngram_embedding(
         tokens, byte_weight, hash_weight, list(ngram_sizes), num_functions

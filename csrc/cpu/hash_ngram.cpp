@@ -24,25 +24,11 @@
 namespace blt_ext::cpu {
 namespace {
 
-using hash_ngram::floor_mod;
+using hash_ngram::HashConfig;
 using hash_ngram::kMaxNgramSize;
-using hash_ngram::window_hash;
+using hash_ngram::table_id;
 
 constexpr int64_t kTokenVocab = 260;  // 256 bytes + 4 specials (BLT_SPEC.md a)
-
-struct Table {
-  int n;
-  uint64_t prime;
-};
-
-// Function-major: table f * len(ngram_sizes) + k hashes n = ngram_sizes[k] with prime f.
-std::vector<Table> make_tables(at::IntArrayRef ngram_sizes, int64_t num_functions) {
-  std::vector<Table> tables;
-  for (int64_t f = 0; f < num_functions; ++f) {
-    for (const int64_t n : ngram_sizes) tables.push_back({static_cast<int>(n), hash_ngram::kPrimes[f]});
-  }
-  return tables;
-}
 
 // back[k] = x[j - k] for the position j of row x, 0 (BOE) before the row start.
 struct Window {
@@ -51,16 +37,7 @@ struct Window {
     for (int k = 0; k < kMaxNgramSize; ++k) back[k] = j - k >= 0 ? row[j - k] : 0;
   }
   int64_t operator[](int k) const { return back[k]; }
-  // The id of this window in `table`, in [0, vocab).
-  int64_t id(const Table& table, int64_t vocab) const {
-    return floor_mod(window_hash(*this, table.n, table.prime), vocab);
-  }
 };
-
-void check_tokens(const at::Tensor& tokens, const char* op) {
-  check_dim(tokens, op, "tokens", 2, "[B, T]");
-  check_dtype(tokens, op, "tokens", at::kLong);
-}
 
 // Reads the data: tokens must be a contiguous CPU tensor.
 void check_token_values(const at::Tensor& tokens, int64_t limit, const char* op, const char* rule) {
@@ -151,9 +128,9 @@ void prefetch_row(const scalar_t* row, int64_t dim) {
 template <typename scalar_t>
 void embedding_forward(const int64_t* tokens, const scalar_t* byte_weight, const scalar_t* hash_weight,
                        scalar_t* out, int64_t batch, int64_t seq, int64_t dim,
-                       const std::vector<Table>& tables, int64_t vocab) {
+                       const HashConfig& config) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t num_tables = static_cast<int64_t>(tables.size());
+  const int64_t num_tables = config.num_tables;
   const int64_t num_rows = num_tables + 1;  // the byte row, then one row per table
   at::parallel_for(0, batch * seq, grain_for(dim * num_rows), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> acc(dim);
@@ -165,7 +142,7 @@ void embedding_forward(const int64_t* tokens, const scalar_t* byte_weight, const
       const Window window(tokens + (pos - j), j);
       rows[0] = byte_weight + tokens[pos] * dim;
       for (int64_t t = 0; t < num_tables; ++t) {
-        rows[t + 1] = hash_weight + (t * vocab + window.id(tables[t], vocab)) * dim;
+        rows[t + 1] = hash_weight + (t * config.vocab + table_id(config, window, t)) * dim;
       }
       for (int64_t r = 0; r < num_rows; ++r) prefetch_row(rows[r], dim);
     };
@@ -209,18 +186,18 @@ void byte_backward(const scalar_t* grad, const int64_t* tokens, scalar_t* grad_b
 // for rows nobody gathered), so the dense gradient is written once, with no separate zero fill.
 template <typename scalar_t>
 void hash_backward(const scalar_t* grad, const int64_t* tokens, scalar_t* grad_hash, int64_t batch,
-                   int64_t seq, int64_t dim, const std::vector<Table>& tables, int64_t vocab) {
+                   int64_t seq, int64_t dim, const HashConfig& config) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t num_tables = static_cast<int64_t>(tables.size());
+  const int64_t num_tables = config.num_tables;
   const int64_t positions = batch * seq;
-  const int64_t hash_rows = num_tables * vocab;
+  const int64_t hash_rows = num_tables * config.vocab;
   std::vector<int64_t> rows(positions * num_tables);
   at::parallel_for(0, positions, grain_for(num_tables * kMaxNgramSize), [&](int64_t begin, int64_t end) {
     for (int64_t pos = begin; pos < end; ++pos) {
       const int64_t j = pos % seq;
       const Window window(tokens + (pos - j), j);
       for (int64_t t = 0; t < num_tables; ++t) {
-        rows[pos * num_tables + t] = t * vocab + window.id(tables[t], vocab);
+        rows[pos * num_tables + t] = t * config.vocab + table_id(config, window, t);
       }
     }
   });
@@ -251,14 +228,11 @@ void hash_backward(const scalar_t* grad, const int64_t* tokens, scalar_t* grad_h
 at::Tensor hash_ngram_ids(const at::Tensor& tokens, at::IntArrayRef ngram_sizes, int64_t num_functions,
                           int64_t hash_vocab) {
   constexpr const char* op = "hash_ngram_ids";
-  check_tokens(tokens, op);
-  hash_ngram::check_config(op, ngram_sizes, num_functions);
-  TORCH_CHECK_VALUE(hash_vocab >= 1, "blt_ext.", op, ": hash_vocab must be >= 1, got ", hash_vocab);
+  const HashConfig config = hash_ngram::check_ids_args(op, tokens, ngram_sizes, num_functions, hash_vocab);
   const at::Tensor tok = tokens.contiguous();
   check_token_values(tok, kTokenVocab, op, "byte + 4 or a special id");
 
-  const auto tables = make_tables(ngram_sizes, num_functions);
-  const int64_t num_tables = static_cast<int64_t>(tables.size());
+  const int64_t num_tables = config.num_tables;
   const int64_t seq = tok.size(1);
   at::Tensor ids = at::empty({tok.size(0), seq, num_tables}, tok.options());
   const int64_t* x = tok.data_ptr<int64_t>();
@@ -267,9 +241,7 @@ at::Tensor hash_ngram_ids(const at::Tensor& tokens, at::IntArrayRef ngram_sizes,
     for (int64_t pos = begin; pos < end; ++pos) {
       const int64_t j = pos % seq;
       const Window window(x + (pos - j), j);
-      for (int64_t t = 0; t < num_tables; ++t) {
-        out[pos * num_tables + t] = window.id(tables[t], hash_vocab);
-      }
+      for (int64_t t = 0; t < num_tables; ++t) out[pos * num_tables + t] = table_id(config, window, t);
     }
   });
   return ids;
@@ -279,18 +251,8 @@ at::Tensor hash_ngram_embedding(const at::Tensor& tokens, const at::Tensor& byte
                                 const at::Tensor& hash_weight, at::IntArrayRef ngram_sizes,
                                 int64_t num_functions) {
   constexpr const char* op = "hash_ngram_embedding";
-  check_tokens(tokens, op);
-  check_dim(byte_weight, op, "byte_weight", 2, "[byte_rows, D]");
-  check_dim(hash_weight, op, "hash_weight", 2, "[num_tables * V, D]");
-  check_floating(byte_weight, op, "byte_weight");
-  check_same_dtype(byte_weight, hash_weight, op, "byte_weight", "hash_weight");
-  check_size(hash_weight, 1, byte_weight.size(1), op, "hash_weight", "embedding dim D of byte_weight");
-  check_same_device(tokens, byte_weight, op, "tokens", "byte_weight");
-  check_same_device(tokens, hash_weight, op, "tokens", "hash_weight");
-  hash_ngram::check_config(op, ngram_sizes, num_functions);
-  const auto tables = make_tables(ngram_sizes, num_functions);
-  const int64_t num_tables = static_cast<int64_t>(tables.size());
-  const int64_t vocab = hash_ngram::table_vocab(op, "hash_weight.size(0)", hash_weight.size(0), num_tables);
+  const HashConfig config =
+      hash_ngram::check_embedding_args(op, tokens, byte_weight, hash_weight, ngram_sizes, num_functions);
   const at::Tensor tok = tokens.contiguous();
   check_token_values(tok, byte_weight.size(0), op, "rows of byte_weight");
 
@@ -300,7 +262,7 @@ at::Tensor hash_ngram_embedding(const at::Tensor& tokens, const at::Tensor& byte
   at::Tensor out = at::empty({tok.size(0), tok.size(1), dim}, bw.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, bw.scalar_type(), op, [&] {
     embedding_forward<scalar_t>(tok.data_ptr<int64_t>(), bw.data_ptr<scalar_t>(), hw.data_ptr<scalar_t>(),
-                                out.data_ptr<scalar_t>(), tok.size(0), tok.size(1), dim, tables, vocab);
+                                out.data_ptr<scalar_t>(), tok.size(0), tok.size(1), dim, config);
   });
   return out;
 }
@@ -310,17 +272,8 @@ std::tuple<at::Tensor, at::Tensor> hash_ngram_embedding_backward(
     const at::Tensor& grad_output, const at::Tensor& tokens, int64_t byte_rows, int64_t hash_rows,
     at::IntArrayRef ngram_sizes, int64_t num_functions, bool /*deterministic*/) {
   constexpr const char* op = "hash_ngram_embedding_backward";
-  check_tokens(tokens, op);
-  check_dim(grad_output, op, "grad_output", 3, "[B, T, D]");
-  check_floating(grad_output, op, "grad_output");
-  check_size(grad_output, 0, tokens.size(0), op, "grad_output", "batch size B of tokens");
-  check_size(grad_output, 1, tokens.size(1), op, "grad_output", "sequence length T of tokens");
-  check_same_device(grad_output, tokens, op, "grad_output", "tokens");
-  TORCH_CHECK_VALUE(byte_rows >= 1, "blt_ext.", op, ": byte_rows must be >= 1, got ", byte_rows);
-  hash_ngram::check_config(op, ngram_sizes, num_functions);
-  const auto tables = make_tables(ngram_sizes, num_functions);
-  const int64_t vocab =
-      hash_ngram::table_vocab(op, "hash_rows", hash_rows, static_cast<int64_t>(tables.size()));
+  const HashConfig config = hash_ngram::check_backward_args(op, grad_output, tokens, byte_rows, hash_rows,
+                                                            ngram_sizes, num_functions);
   const at::Tensor tok = tokens.contiguous();
   check_token_values(tok, byte_rows, op, "rows of byte_weight");
 
@@ -332,8 +285,7 @@ std::tuple<at::Tensor, at::Tensor> hash_ngram_embedding_backward(
     const scalar_t* g = grad.data_ptr<scalar_t>();
     const int64_t* x = tok.data_ptr<int64_t>();
     byte_backward<scalar_t>(g, x, grad_byte.data_ptr<scalar_t>(), tok.numel(), byte_rows, dim);
-    hash_backward<scalar_t>(g, x, grad_hash.data_ptr<scalar_t>(), tok.size(0), tok.size(1), dim, tables,
-                            vocab);
+    hash_backward<scalar_t>(g, x, grad_hash.data_ptr<scalar_t>(), tok.size(0), tok.size(1), dim, config);
   });
   return {grad_byte, grad_hash};
 }
