@@ -1,7 +1,7 @@
 // Entropy patching on CUDA (BLT_SPEC.md c), every row patched on its own, no host sync.
 //
-// entropy: one warp per row of V logits, read once with 16-byte loads; each lane keeps an online
-// (max, sum e^d, sum e^d d) in fp32 and the warp merges them.
+// entropy: 8 lanes (a warp for long rows) per row of V logits, read once with 16-byte loads;
+// each lane keeps an online (max, sum e^d, sum e^d d) in fp32 and the lanes merge them.
 // entropy_patch_starts and space_patch_starts: one thread per output position. patch_layout: one
 // block per tile of a row, a max-scan for the last natural start (which also places the
 // max_patch_length splits) and a sum-scan for the patch index, carried across tiles through
@@ -93,50 +93,63 @@ struct alignas(sizeof(T) * N) Vec {
 };
 
 constexpr int kEntropyThreads = 256;
-constexpr int kEntropyRowsPerBlock = kEntropyThreads / 32;
+constexpr int kEntropyUnroll = 4;  // 16-byte loads a lane has in flight at once
 
-// One warp per row. A row starts at any element offset, so its first elements up to a 16-byte
-// boundary (head) and its last ones (tail) are read one at a time.
-template <typename scalar_t>
+// kLanes lanes per row: 8 for short rows (V = 260 bf16 is 32.5 loads of 16 bytes, 4 per lane, all
+// issued before the first is used), a warp for long ones. A row starts at any element offset, so
+// its first elements up to a 16-byte boundary (head) and its last ones (tail) are read one at a
+// time. Groups past the last row read nothing but still take part in the shuffles.
+template <typename scalar_t, int kLanes>
 __global__ void __launch_bounds__(kEntropyThreads)
     entropy_kernel(const scalar_t* __restrict__ logits, opmath_t<scalar_t>* __restrict__ out, int64_t rows,
                    int64_t V) {
   using acc_t = opmath_t<scalar_t>;
   constexpr int kVec = 16 / sizeof(scalar_t);
-  const int lane = threadIdx.x % 32;
-  const int64_t row = static_cast<int64_t>(blockIdx.x) * kEntropyRowsPerBlock + threadIdx.x / 32;
-  if (row >= rows) return;
-  const scalar_t* z = logits + row * V;
+  constexpr int kRowsPerBlock = kEntropyThreads / kLanes;
+  const int lane = threadIdx.x % kLanes;
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + threadIdx.x / kLanes;
+  const bool valid = row < rows;
+  const scalar_t* z = logits + (valid ? row : 0) * V;
   const int64_t misalignment = (reinterpret_cast<uintptr_t>(z) % 16) / sizeof(scalar_t);
-  const int64_t head = std::min<int64_t>(V, misalignment == 0 ? 0 : kVec - misalignment);
-  const int64_t vectors = (V - head) / kVec;
+  const int64_t head = valid ? std::min<int64_t>(V, misalignment == 0 ? 0 : kVec - misalignment) : 0;
+  const int64_t vectors = valid ? (V - head) / kVec : 0;
   const int64_t tail = head + vectors * kVec;
+  const int64_t singles = valid ? head + (V - tail) : 0;
 
   SoftmaxStats<acc_t> st{-std::numeric_limits<acc_t>::infinity(), acc_t(0), acc_t(0)};
   bool bad = false;
   const auto* body = reinterpret_cast<const Vec<scalar_t, kVec>*>(z + head);
-  for (int64_t i = lane; i < vectors; i += 32) {
-    const Vec<scalar_t, kVec> raw = body[i];
-    acc_t x[kVec];
+  for (int64_t i = lane; i < vectors; i += kLanes * kEntropyUnroll) {
+    Vec<scalar_t, kVec> raw[kEntropyUnroll];
 #pragma unroll
-    for (int j = 0; j < kVec; ++j) x[j] = static_cast<acc_t>(raw.v[j]);
+    for (int u = 0; u < kEntropyUnroll; ++u) {
+      if (i + u * kLanes < vectors) raw[u] = body[i + u * kLanes];
+    }
+#pragma unroll
+    for (int u = 0; u < kEntropyUnroll; ++u) {
+      if (i + u * kLanes < vectors) {
+        acc_t x[kVec];
+#pragma unroll
+        for (int j = 0; j < kVec; ++j) x[j] = static_cast<acc_t>(raw[u].v[j]);
+        accumulate(st, bad, x);
+      }
+    }
+  }
+  // head < kVec and V - tail < kVec: at most 14 single elements.
+  for (int64_t k = lane; k < singles; k += kLanes) {
+    const acc_t x[1] = {static_cast<acc_t>(z[k < head ? k : tail + (k - head)])};
     accumulate(st, bad, x);
   }
-  // head < kVec and V - tail < kVec: at most 14 single elements, one per lane.
-  const int64_t single = lane < head ? lane : tail + (lane - head);
-  if (lane < head || single < V) {
-    const acc_t x[1] = {static_cast<acc_t>(z[single])};
-    accumulate(st, bad, x);
-  }
+  // xor offsets below kLanes stay within the row's aligned group of lanes.
 #pragma unroll
-  for (int offset = 16; offset > 0; offset /= 2) {
+  for (int offset = kLanes / 2; offset > 0; offset /= 2) {
     const SoftmaxStats<acc_t> other{__shfl_xor_sync(kFullMask, st.m, offset),
                                     __shfl_xor_sync(kFullMask, st.s, offset),
                                     __shfl_xor_sync(kFullMask, st.t, offset)};
     st = merge(st, other);
     bad |= __shfl_xor_sync(kFullMask, static_cast<int>(bad), offset) != 0;
   }
-  if (lane == 0) {
+  if (valid && lane == 0) {
     out[row] = bad ? std::numeric_limits<acc_t>::quiet_NaN() : log(st.s) - st.t / st.s;
   }
 }
@@ -365,11 +378,15 @@ at::Tensor entropy(const at::Tensor& logits) {
   const auto out_dtype = z.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor out = at::empty(z.sizes().slice(0, z.dim() - 1), z.options().dtype(out_dtype));
   if (rows == 0) return out;
-  const int64_t blocks = (rows + kEntropyRowsPerBlock - 1) / kEntropyRowsPerBlock;
+  // Rows of up to 64 16-byte vectors (V = 512 bf16) take 8 lanes, longer ones a warp.
+  const bool short_rows = V * static_cast<int64_t>(z.element_size()) <= 1024;
+  const int64_t rows_per_block = kEntropyThreads / (short_rows ? 8 : 32);
+  const int64_t blocks = (rows + rows_per_block - 1) / rows_per_block;
   TORCH_CHECK(blocks <= INT32_MAX, "blt_ext.entropy: too many rows for one launch: ", rows);
   const auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "blt_ext.entropy", [&] {
-    entropy_kernel<scalar_t><<<static_cast<unsigned>(blocks), kEntropyThreads, 0, stream>>>(
+    const auto kernel = short_rows ? entropy_kernel<scalar_t, 8> : entropy_kernel<scalar_t, 32>;
+    kernel<<<static_cast<unsigned>(blocks), kEntropyThreads, 0, stream>>>(
         z.const_data_ptr<scalar_t>(), out.mutable_data_ptr<opmath_t<scalar_t>>(), rows, V);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
