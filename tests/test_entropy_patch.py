@@ -254,6 +254,20 @@ def test_patch_layout_round_trips_patch_lengths(device, generator, layout_kind, 
         assert (layout.patch_counts.cpu() == (lengths > 0).sum(1)).all()
 
 
+@pytest.mark.parametrize("include_next_token", [True, False])
+def test_patch_layout_across_tiles(device, generator, include_next_token):
+    # The CUDA layout works on tiles of 1024 positions: patches here span several tiles, and
+    # max_patch_length splits land on, just before and just after tile boundaries.
+    num_bytes = 5000
+    for density in (0.0, 0.0005, 0.01):
+        starts = random_starts(3, num_bytes, include_next_token=include_next_token, density=density,
+                               device=device, generator=generator)
+        for max_patch_length in (None, 1, 999, 1023, 1024, 1025, 2500):
+            poison_allocator(device, (3, num_bytes), (3, num_bytes + 1), (3,))
+            layout = ops.patch_layout(starts, include_next_token, max_patch_length)
+            assert_layout_equal(layout, ref.patch_layout(starts, include_next_token, max_patch_length))
+
+
 def test_patch_layout_max_patch_length_worked_example(device):
     starts = mask(8, [0, 1]).to(device)  # patches [1, 7] over 7 bytes + the next byte
     cases = {

@@ -1,10 +1,11 @@
 // Entropy patching on CUDA (BLT_SPEC.md c), every row patched on its own, no host sync.
 //
-// entropy: one warp per row of V logits, read once with 16-byte loads; each lane keeps an online
-// (max, sum e^d, sum e^d d) in fp32 and the warp merges them. entropy_patch_starts and
-// space_patch_starts: one thread per output position. patch_layout: one block per row scanning
-// its T + 1 positions in tiles, a max-scan for the last natural start (which also places the
-// max_patch_length splits) and a sum-scan for the patch index.
+// entropy: 8 lanes (a warp for long rows) per row of V logits, read once with 16-byte loads;
+// each lane keeps an online (max, sum e^d, sum e^d d) in fp32 and the lanes merge them.
+// entropy_patch_starts and space_patch_starts: one thread per output position. patch_layout: one
+// block per tile of a row, a max-scan for the last natural start (which also places the
+// max_patch_length splits) and a sum-scan for the patch index, carried across tiles through
+// per-tile summaries.
 //
 // Value rules checked on CPU are not checked here (a host sync): on CUDA position 0 always starts
 // a patch, column T is ignored without include_next_token, and tokens outside [0, 260) follow
@@ -92,50 +93,63 @@ struct alignas(sizeof(T) * N) Vec {
 };
 
 constexpr int kEntropyThreads = 256;
-constexpr int kEntropyRowsPerBlock = kEntropyThreads / 32;
+constexpr int kEntropyUnroll = 4;  // 16-byte loads a lane has in flight at once
 
-// One warp per row. A row starts at any element offset, so its first elements up to a 16-byte
-// boundary (head) and its last ones (tail) are read one at a time.
-template <typename scalar_t>
+// kLanes lanes per row: 8 for short rows (V = 260 bf16 is 32.5 loads of 16 bytes, 4 per lane, all
+// issued before the first is used), a warp for long ones. A row starts at any element offset, so
+// its first elements up to a 16-byte boundary (head) and its last ones (tail) are read one at a
+// time. Groups past the last row read nothing but still take part in the shuffles.
+template <typename scalar_t, int kLanes>
 __global__ void __launch_bounds__(kEntropyThreads)
     entropy_kernel(const scalar_t* __restrict__ logits, opmath_t<scalar_t>* __restrict__ out, int64_t rows,
                    int64_t V) {
   using acc_t = opmath_t<scalar_t>;
   constexpr int kVec = 16 / sizeof(scalar_t);
-  const int lane = threadIdx.x % 32;
-  const int64_t row = static_cast<int64_t>(blockIdx.x) * kEntropyRowsPerBlock + threadIdx.x / 32;
-  if (row >= rows) return;
-  const scalar_t* z = logits + row * V;
+  constexpr int kRowsPerBlock = kEntropyThreads / kLanes;
+  const int lane = threadIdx.x % kLanes;
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + threadIdx.x / kLanes;
+  const bool valid = row < rows;
+  const scalar_t* z = logits + (valid ? row : 0) * V;
   const int64_t misalignment = (reinterpret_cast<uintptr_t>(z) % 16) / sizeof(scalar_t);
-  const int64_t head = std::min<int64_t>(V, misalignment == 0 ? 0 : kVec - misalignment);
-  const int64_t vectors = (V - head) / kVec;
+  const int64_t head = valid ? std::min<int64_t>(V, misalignment == 0 ? 0 : kVec - misalignment) : 0;
+  const int64_t vectors = valid ? (V - head) / kVec : 0;
   const int64_t tail = head + vectors * kVec;
+  const int64_t singles = valid ? head + (V - tail) : 0;
 
   SoftmaxStats<acc_t> st{-std::numeric_limits<acc_t>::infinity(), acc_t(0), acc_t(0)};
   bool bad = false;
   const auto* body = reinterpret_cast<const Vec<scalar_t, kVec>*>(z + head);
-  for (int64_t i = lane; i < vectors; i += 32) {
-    const Vec<scalar_t, kVec> raw = body[i];
-    acc_t x[kVec];
+  for (int64_t i = lane; i < vectors; i += kLanes * kEntropyUnroll) {
+    Vec<scalar_t, kVec> raw[kEntropyUnroll];
 #pragma unroll
-    for (int j = 0; j < kVec; ++j) x[j] = static_cast<acc_t>(raw.v[j]);
+    for (int u = 0; u < kEntropyUnroll; ++u) {
+      if (i + u * kLanes < vectors) raw[u] = body[i + u * kLanes];
+    }
+#pragma unroll
+    for (int u = 0; u < kEntropyUnroll; ++u) {
+      if (i + u * kLanes < vectors) {
+        acc_t x[kVec];
+#pragma unroll
+        for (int j = 0; j < kVec; ++j) x[j] = static_cast<acc_t>(raw[u].v[j]);
+        accumulate(st, bad, x);
+      }
+    }
+  }
+  // head < kVec and V - tail < kVec: at most 14 single elements.
+  for (int64_t k = lane; k < singles; k += kLanes) {
+    const acc_t x[1] = {static_cast<acc_t>(z[k < head ? k : tail + (k - head)])};
     accumulate(st, bad, x);
   }
-  // head < kVec and V - tail < kVec: at most 14 single elements, one per lane.
-  const int64_t single = lane < head ? lane : tail + (lane - head);
-  if (lane < head || single < V) {
-    const acc_t x[1] = {static_cast<acc_t>(z[single])};
-    accumulate(st, bad, x);
-  }
+  // xor offsets below kLanes stay within the row's aligned group of lanes.
 #pragma unroll
-  for (int offset = 16; offset > 0; offset /= 2) {
+  for (int offset = kLanes / 2; offset > 0; offset /= 2) {
     const SoftmaxStats<acc_t> other{__shfl_xor_sync(kFullMask, st.m, offset),
                                     __shfl_xor_sync(kFullMask, st.s, offset),
                                     __shfl_xor_sync(kFullMask, st.t, offset)};
     st = merge(st, other);
     bad |= __shfl_xor_sync(kFullMask, static_cast<int>(bad), offset) != 0;
   }
-  if (lane == 0) {
+  if (valid && lane == 0) {
     out[row] = bad ? std::numeric_limits<acc_t>::quiet_NaN() : log(st.s) - st.t / st.s;
   }
 }
@@ -171,9 +185,14 @@ __global__ void space_patch_starts_kernel(const int64_t* __restrict__ tokens, bo
 }
 
 // ---- patch layout ----
+//
+// Two launches over tiles of kLayoutTile positions, so that a row's tiles run on many SMs: the
+// first summarizes every tile (first and last natural start, starts from its first natural start
+// on), the second has each tile reduce the summaries before it (a max-scan for the last natural
+// start before every tile, then a sum of their start counts) and write its ids and lengths.
 
-constexpr int kLayoutThreads = 512;
-constexpr int kLayoutItems = 8;  // consecutive positions per thread
+constexpr int kLayoutThreads = 256;
+constexpr int kLayoutItems = 4;  // consecutive positions per thread
 constexpr int kLayoutTile = kLayoutThreads * kLayoutItems;
 
 struct Sum {
@@ -222,64 +241,130 @@ __device__ __forceinline__ bool on_split_grid(int offset, int m) {
   return kSplit ? offset % m == 0 : offset == 0;
 }
 
+// How many positions of [lo, hi) lie on the split grid of a natural start s < lo.
+template <bool kSplit>
+__device__ __forceinline__ int split_points(int s, int lo, int hi, int m) {
+  return kSplit && hi > lo ? (hi - 1 - s) / m - (lo - 1 - s) / m : 0;
+}
+
+// What the second launch needs of a tile: its first natural start (the tile's end if none), its
+// last (-1 if none) and how many patches start from its first natural start to its end.
+struct alignas(16) TileSummary {
+  int first, last, count, unused;
+};
+
+// The natural starts among a thread's positions of a tile (position 0 always is one) and the
+// last natural start of the tile up to the thread's positions (-1 if none).
+__device__ __forceinline__ int tile_naturals(const bool* row, int tile_begin, int L, bool (&natural)[kLayoutItems],
+                                            int* shared, int& tile_last) {
+  const int base = tile_begin + threadIdx.x * kLayoutItems;
+  int my_last = -1;
+#pragma unroll
+  for (int i = 0; i < kLayoutItems; ++i) {
+    const int p = base + i;
+    natural[i] = p < L && (p == 0 || row[p]);
+    my_last = natural[i] ? p : my_last;
+  }
+  return block_exclusive_scan(my_last, -1, Max{}, shared, tile_last);
+}
+
 template <bool kSplit>
 __global__ void __launch_bounds__(kLayoutThreads)
-    patch_layout_kernel(const bool* __restrict__ starts, int64_t* __restrict__ patch_ids,
-                        int64_t* __restrict__ patch_lengths, int64_t* __restrict__ patch_counts, int T, int L,
-                        int m) {
+    tile_summary_kernel(const bool* __restrict__ starts, TileSummary* __restrict__ summaries, int T, int L, int m,
+                        int tiles) {
   __shared__ int shared[32];
-  const int64_t b = blockIdx.x;
-  const bool* row = starts + b * (T + 1);
-  int64_t* ids = patch_ids + b * T;
-  int64_t* lengths = patch_lengths + b * (T + 1);
-  int natural_before = 0;  // last natural start before the tile (position 0 always starts)
-  int count_before = 0;    // patches started before the tile
-  for (int tile = 0; tile < L; tile += kLayoutTile) {
-    const int base = tile + threadIdx.x * kLayoutItems;
-    bool natural[kLayoutItems];
-    int my_last_natural = -1;
+  const int b = blockIdx.x / tiles, tile = blockIdx.x % tiles;
+  const int tile_begin = tile * kLayoutTile, tile_end = min(tile_begin + kLayoutTile, L);
+  bool natural[kLayoutItems];
+  int tile_last;
+  int s = tile_naturals(starts + static_cast<int64_t>(b) * (T + 1), tile_begin, L, natural, shared, tile_last);
+  const int base = tile_begin + threadIdx.x * kLayoutItems;
+  int my_first = tile_end, my_count = 0;
 #pragma unroll
-    for (int i = 0; i < kLayoutItems; ++i) {
-      const int p = base + i;
-      natural[i] = p < L && (p == 0 || row[p]);
-      my_last_natural = natural[i] ? p : my_last_natural;
-    }
-    int tile_last_natural;
-    int last_natural = max(natural_before, block_exclusive_scan(my_last_natural, -1, Max{}, shared,
-                                                                tile_last_natural));
-    natural_before = max(natural_before, tile_last_natural);
+  for (int i = 0; i < kLayoutItems; ++i) {
+    const int p = base + i;
+    my_first = natural[i] ? min(my_first, p) : my_first;
+    s = natural[i] ? p : s;
+    my_count += p < L && s >= 0 && on_split_grid<kSplit>(p - s, m);
+  }
+  int neg_first, count;
+  block_exclusive_scan(-my_first, -tile_end, Max{}, shared, neg_first);
+  block_exclusive_scan(my_count, 0, Sum{}, shared, count);
+  if (threadIdx.x == 0) summaries[blockIdx.x] = {-neg_first, tile_last, count, 0};
+}
 
-    bool start[kLayoutItems];
-    int my_count = 0;
-    int s = last_natural;
+template <bool kSplit>
+__global__ void __launch_bounds__(kLayoutThreads)
+    patch_layout_kernel(const bool* __restrict__ starts, const TileSummary* __restrict__ summaries,
+                        int64_t* __restrict__ patch_ids, int64_t* __restrict__ patch_lengths,
+                        int64_t* __restrict__ patch_counts, int T, int L, int m, int tiles) {
+  __shared__ int shared[32];
+  __shared__ int before[2];
+  const int b = blockIdx.x / tiles, tile = blockIdx.x % tiles;
+  const TileSummary* row_summaries = summaries + static_cast<int64_t>(b) * tiles;
+
+  // Scan the row's tile summaries in rounds of one per thread; this tile keeps its exclusive
+  // prefix (last natural start and patches started before it), every tile the row's total.
+  int last_carry = -1, count_carry = 0;
+  for (int round = 0; round < tiles; round += kLayoutThreads) {
+    const int j = round + threadIdx.x;
+    const TileSummary t = j < tiles ? row_summaries[j] : TileSummary{0, -1, 0, 0};
+    int round_last, round_count;
+    const int last = max(last_carry, block_exclusive_scan(t.last, -1, Max{}, shared, round_last));
+    // Tile j's patches: split points before its first natural start, then its own count.
+    const int count = t.count + split_points<kSplit>(last, j * kLayoutTile, t.first, m);
+    const int count_before = count_carry + block_exclusive_scan(j < tiles ? count : 0, 0, Sum{}, shared, round_count);
+    if (j == tile) {
+      before[0] = last;
+      before[1] = count_before;
+    }
+    last_carry = max(last_carry, round_last);
+    count_carry += round_count;
+  }
+  __syncthreads();
+  const int natural_before = max(before[0], 0), count_before = before[1], total = count_carry;
+
+  const bool* row = starts + static_cast<int64_t>(b) * (T + 1);
+  int64_t* ids = patch_ids + static_cast<int64_t>(b) * T;
+  int64_t* lengths = patch_lengths + static_cast<int64_t>(b) * (T + 1);
+  const int tile_begin = tile * kLayoutTile;
+  bool natural[kLayoutItems];
+  int tile_last;
+  const int last_natural = max(natural_before, tile_naturals(row, tile_begin, L, natural, shared, tile_last));
+
+  const int base = tile_begin + threadIdx.x * kLayoutItems;
+  bool start[kLayoutItems];
+  int my_count = 0;
+  int s = last_natural;
 #pragma unroll
-    for (int i = 0; i < kLayoutItems; ++i) {
-      const int p = base + i;
+  for (int i = 0; i < kLayoutItems; ++i) {
+    const int p = base + i;
+    s = natural[i] ? p : s;
+    start[i] = p < L && on_split_grid<kSplit>(p - s, m);
+    my_count += start[i];
+  }
+  int tile_count;
+  int k = count_before + block_exclusive_scan(my_count, 0, Sum{}, shared, tile_count);
+
+  s = last_natural;
+#pragma unroll
+  for (int i = 0; i < kLayoutItems; ++i) {
+    const int p = base + i;
+    if (p < L) {
       s = natural[i] ? p : s;
-      start[i] = p < L && on_split_grid<kSplit>(p - s, m);
-      my_count += start[i];
-    }
-    int tile_count;
-    int k = count_before + block_exclusive_scan(my_count, 0, Sum{}, shared, tile_count);
-    count_before += tile_count;
-
-    s = last_natural;
-#pragma unroll
-    for (int i = 0; i < kLayoutItems; ++i) {
-      const int p = base + i;
-      if (p < L) {
-        s = natural[i] ? p : s;
-        k += start[i];
-        if (p < T) ids[p] = k - 1;
-        if (p + 1 == L || row[p + 1] || on_split_grid<kSplit>(p + 1 - s, m)) {  // p ends a patch
-          const int begin = kSplit ? s + (p - s) / m * m : s;
-          lengths[k - 1] = p - begin + 1;
-        }
+      k += start[i];
+      if (p < T) ids[p] = k - 1;
+      if (p + 1 == L || row[p + 1] || on_split_grid<kSplit>(p + 1 - s, m)) {  // p ends a patch
+        const int begin = kSplit ? s + (p - s) / m * m : s;
+        lengths[k - 1] = p - begin + 1;
       }
     }
   }
-  for (int j = count_before + threadIdx.x; j <= T; j += kLayoutThreads) lengths[j] = 0;
-  if (threadIdx.x == 0) patch_counts[b] = count_before;
+  // Lengths past the row's last patch are 0; each tile pads its own index range, the last tile
+  // up to T.
+  const int pad_end = tile + 1 == tiles ? T + 1 : tile_begin + kLayoutTile;
+  for (int j = max(total, tile_begin) + threadIdx.x; j < pad_end; j += kLayoutThreads) lengths[j] = 0;
+  if (tile == 0 && threadIdx.x == 0) patch_counts[b] = total;
 }
 
 }  // namespace
@@ -293,11 +378,15 @@ at::Tensor entropy(const at::Tensor& logits) {
   const auto out_dtype = z.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor out = at::empty(z.sizes().slice(0, z.dim() - 1), z.options().dtype(out_dtype));
   if (rows == 0) return out;
-  const int64_t blocks = (rows + kEntropyRowsPerBlock - 1) / kEntropyRowsPerBlock;
+  // Rows of up to 64 16-byte vectors (V = 512 bf16) take 8 lanes, longer ones a warp.
+  const bool short_rows = V * static_cast<int64_t>(z.element_size()) <= 1024;
+  const int64_t rows_per_block = kEntropyThreads / (short_rows ? 8 : 32);
+  const int64_t blocks = (rows + rows_per_block - 1) / rows_per_block;
   TORCH_CHECK(blocks <= INT32_MAX, "blt_ext.entropy: too many rows for one launch: ", rows);
   const auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "blt_ext.entropy", [&] {
-    entropy_kernel<scalar_t><<<static_cast<unsigned>(blocks), kEntropyThreads, 0, stream>>>(
+    const auto kernel = short_rows ? entropy_kernel<scalar_t, 8> : entropy_kernel<scalar_t, 32>;
+    kernel<<<static_cast<unsigned>(blocks), kEntropyThreads, 0, stream>>>(
         z.const_data_ptr<scalar_t>(), out.mutable_data_ptr<opmath_t<scalar_t>>(), rows, V);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
@@ -356,11 +445,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> patch_layout(const at::Tensor& st
   // A patch is at most L long, so any m >= L splits nothing.
   const bool split = max_patch_length.has_value() && *max_patch_length < L;
   const int m = split ? static_cast<int>(*max_patch_length) : 1;
+  // An empty sequence still gets one tile: it writes the counts and pads the lengths.
+  const int64_t tiles = std::max<int64_t>(1, (L + kLayoutTile - 1) / kLayoutTile);
+  TORCH_CHECK(B * tiles <= INT32_MAX, "blt_ext.patch_layout: too many positions for one launch: ", B * (T + 1));
+  at::Tensor summaries = at::empty({B, tiles, static_cast<int64_t>(sizeof(TileSummary) / sizeof(int))},
+                                   s.options().dtype(at::kInt));
+  const auto blocks = static_cast<unsigned>(B * tiles);
   const auto stream = c10::cuda::getCurrentCUDAStream();
-  const auto kernel = split ? patch_layout_kernel<true> : patch_layout_kernel<false>;
-  kernel<<<static_cast<unsigned>(B), kLayoutThreads, 0, stream>>>(
-      s.const_data_ptr<bool>(), patch_ids.mutable_data_ptr<int64_t>(), patch_lengths.mutable_data_ptr<int64_t>(),
-      patch_counts.mutable_data_ptr<int64_t>(), static_cast<int>(T), static_cast<int>(L), m);
+  auto* tile_summaries = reinterpret_cast<TileSummary*>(summaries.mutable_data_ptr<int>());
+  const auto summarize = split ? tile_summary_kernel<true> : tile_summary_kernel<false>;
+  summarize<<<blocks, kLayoutThreads, 0, stream>>>(s.const_data_ptr<bool>(), tile_summaries, static_cast<int>(T),
+                                                   static_cast<int>(L), m, static_cast<int>(tiles));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const auto layout = split ? patch_layout_kernel<true> : patch_layout_kernel<false>;
+  layout<<<blocks, kLayoutThreads, 0, stream>>>(
+      s.const_data_ptr<bool>(), tile_summaries, patch_ids.mutable_data_ptr<int64_t>(),
+      patch_lengths.mutable_data_ptr<int64_t>(), patch_counts.mutable_data_ptr<int64_t>(), static_cast<int>(T),
+      static_cast<int>(L), m, static_cast<int>(tiles));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {patch_ids, patch_lengths, patch_counts};
 }
