@@ -105,27 +105,39 @@ constexpr acc_t kLog2e = static_cast<acc_t>(1.4426950408889634);
 template <typename acc_t>
 constexpr acc_t kLn2 = static_cast<acc_t>(0.6931471805599453);
 
-// This lane's 8 elements [off, off + 8) of a head row, zero past Dh.
-template <typename scalar_t, typename acc_t>
-__device__ __forceinline__ void load_chunk(acc_t (&x)[kElems], const scalar_t* row, int off, int dh, bool vec) {
-  if (vec) {
-    if (off < dh) {
-      constexpr int kVecs = kElems * sizeof(scalar_t) / 16;
-      alignas(16) scalar_t vals[kElems];
+// This lane's 8 elements [off, off + 8) of a head row as stored, zero past Dh. The tiles in
+// flight are kept packed (half the registers of the widened form for 16-bit types) and widened
+// where used, which keeps occupancy up.
+template <typename scalar_t>
+struct Packed {
+  alignas(16) scalar_t x[kElems];
+};
+
+template <typename scalar_t>
+__device__ __forceinline__ void load_packed(Packed<scalar_t>& p, const scalar_t* row, int off, int dh, bool vec) {
+  if (vec && off < dh) {
+    constexpr int kVecs = kElems * sizeof(scalar_t) / 16;
 #pragma unroll
-      for (int i = 0; i < kVecs; ++i) {
-        reinterpret_cast<uint4*>(vals)[i] = __ldg(reinterpret_cast<const uint4*>(row + off) + i);
-      }
-#pragma unroll
-      for (int i = 0; i < kElems; ++i) x[i] = static_cast<acc_t>(vals[i]);
-    } else {
-#pragma unroll
-      for (int i = 0; i < kElems; ++i) x[i] = acc_t(0);
+    for (int i = 0; i < kVecs; ++i) {
+      reinterpret_cast<uint4*>(p.x)[i] = __ldg(reinterpret_cast<const uint4*>(row + off) + i);
     }
   } else {
 #pragma unroll
-    for (int i = 0; i < kElems; ++i) x[i] = off + i < dh ? static_cast<acc_t>(row[off + i]) : acc_t(0);
+    for (int i = 0; i < kElems; ++i) p.x[i] = off + i < dh ? row[off + i] : scalar_t(0);
   }
+}
+
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ void unpack(acc_t (&x)[kElems], const Packed<scalar_t>& p) {
+#pragma unroll
+  for (int i = 0; i < kElems; ++i) x[i] = static_cast<acc_t>(p.x[i]);
+}
+
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ void load_chunk(acc_t (&x)[kElems], const scalar_t* row, int off, int dh, bool vec) {
+  Packed<scalar_t> p;
+  load_packed(p, row, off, dh, vec);
+  unpack(x, p);
 }
 
 // Stores factor * x (plus the row's current value when `add`) into this lane's elements.
@@ -281,13 +293,13 @@ __global__ void __launch_bounds__(kWarp* kWarpsPerBlock) encoder_forward_kernel(
   }
 
   for (int64_t base = range.begin; base < range.end; base += U * R) {
-    acc_t kc[U][kElems], vc[U][kElems];
+    Packed<scalar_t> kp[U], vp[U];
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       const int64_t i = base + u * R + l.sub;
       const int n = i < range.end ? dh : 0;  // past the patch: zeros, masked below
-      load_chunk(kc[u], k_rows + i * row, l.off, n, a.vec);
-      load_chunk(vc[u], v_rows + i * row, l.off, n, a.vec);
+      load_packed(kp[u], k_rows + i * row, l.off, n, a.vec);
+      load_packed(vp[u], v_rows + i * row, l.off, n, a.vec);
     }
 #pragma unroll
     for (int r = 0; r < C; ++r) {
@@ -295,7 +307,9 @@ __global__ void __launch_bounds__(kWarp* kWarpsPerBlock) encoder_forward_kernel(
       acc_t s[U], m_new = m[r];
 #pragma unroll
       for (int u = 0; u < U; ++u) {
-        s[u] = group_sum(dot(qf[r], kc[u]), G);
+        acc_t kc[kElems];
+        unpack(kc, kp[u]);
+        s[u] = group_sum(dot(qf[r], kc), G);
         if (base + u * R + l.sub >= range.end) s[u] = neg_inf<acc_t>();
         m_new = max(m_new, s[u]);
       }
@@ -309,8 +323,10 @@ __global__ void __launch_bounds__(kWarp* kWarpsPerBlock) encoder_forward_kernel(
       for (int u = 0; u < U; ++u) {
         const acc_t weight = exp2_(s[u] - m_use);
         denom[r] += weight;
+        acc_t vc[kElems];
+        unpack(vc, vp[u]);
 #pragma unroll
-        for (int e = 0; e < kElems; ++e) acc[r][e] += weight * vc[u][e];
+        for (int e = 0; e < kElems; ++e) acc[r][e] += weight * vc[e];
       }
       m[r] = m_new;
     }
@@ -380,13 +396,13 @@ __global__ void __launch_bounds__(kWarp* kWarpsPerBlock) encoder_backward_kernel
   }
 
   for (int64_t base = range.begin; base < range.end; base += U * R) {
-    acc_t kc[U][kElems], vc[U][kElems];
+    Packed<scalar_t> kp[U], vp[U];
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       const int64_t i = base + u * R + l.sub;
       const int n = i < range.end ? dh : 0;
-      load_chunk(kc[u], k_rows + i * row, l.off, n, a.vec);
-      load_chunk(vc[u], v_rows + i * row, l.off, n, a.vec);
+      load_packed(kp[u], k_rows + i * row, l.off, n, a.vec);
+      load_packed(vp[u], v_rows + i * row, l.off, n, a.vec);
     }
     acc_t prob[C][U], ds[C][U];
 #pragma unroll
@@ -395,19 +411,24 @@ __global__ void __launch_bounds__(kWarp* kWarpsPerBlock) encoder_backward_kernel
       for (int u = 0; u < U; ++u) {
         prob[r][u] = ds[r][u] = 0;
         if (r >= nslot) continue;
-        const acc_t s = group_sum(dot(qf[r], kc[u]), G);
-        const acc_t dp = group_sum(dot(dof[r], vc[u]), G);
+        acc_t kc[kElems], vc[kElems];
+        unpack(kc, kp[u]);
+        unpack(vc, vp[u]);
+        const acc_t s = group_sum(dot(qf[r], kc), G);
+        const acc_t dp = group_sum(dot(dof[r], vc), G);
         if (base + u * R + l.sub >= range.end) continue;
         prob[r][u] = exp2_(s * qscale - lse2[r]);
         ds[r][u] = prob[r][u] * (dp - delta[r]);
       }
     }
 #pragma unroll
-    for (int r = 0; r < C; ++r) {
+    for (int u = 0; u < U; ++u) {
+      acc_t kc[kElems];
+      unpack(kc, kp[u]);
 #pragma unroll
-      for (int u = 0; u < U; ++u) {
+      for (int r = 0; r < C; ++r) {
 #pragma unroll
-        for (int e = 0; e < kElems; ++e) dqf[r][e] += ds[r][u] * kc[u][e];
+        for (int e = 0; e < kElems; ++e) dqf[r][e] += ds[r][u] * kc[e];
       }
     }
 #pragma unroll
@@ -471,12 +492,13 @@ __global__ void __launch_bounds__(kWarp* kWarpsPerBlock) decoder_forward_kernel(
   acc_t* lse_row = a.lse + (l.b * a.heads + l.h) * a.queries;
 
   for (int64_t base = range.begin; base < range.end; base += U * R) {
-    acc_t qc[U][kElems], prev_lse[U];
+    Packed<scalar_t> qp[U];
+    acc_t prev_lse[U];
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       const int64_t t = base + u * R + l.sub;
       const bool valid = t < range.end && dh > 0;
-      load_chunk(qc[u], q_rows + t * row, l.off, valid ? dh : 0, a.vec);
+      load_packed(qp[u], q_rows + t * row, l.off, valid ? dh : 0, a.vec);
       prev_lse[u] = merge && valid ? lse_row[t] : acc_t(0);
     }
     // Every lane of a row reads the earlier chunks' lse before its leader overwrites it.
@@ -484,8 +506,10 @@ __global__ void __launch_bounds__(kWarp* kWarpsPerBlock) decoder_forward_kernel(
     acc_t s[U][C];
 #pragma unroll
     for (int u = 0; u < U; ++u) {
+      acc_t qc[kElems];
+      unpack(qc, qp[u]);
 #pragma unroll
-      for (int r = 0; r < C; ++r) s[u][r] = r < nslot ? group_sum(dot(qc[u], kf[r]), G) : acc_t(0);
+      for (int r = 0; r < C; ++r) s[u][r] = r < nslot ? group_sum(dot(qc, kf[r]), G) : acc_t(0);
     }
 #pragma unroll
     for (int u = 0; u < U; ++u) {
@@ -561,13 +585,14 @@ __global__ void __launch_bounds__(kWarp* kWarpsPerBlock) decoder_backward_kernel
   const acc_t* lse_row = a.lse + (l.b * a.heads + l.h) * a.queries;
 
   for (int64_t base = range.begin; base < range.end; base += U * R) {
-    acc_t qc[U][kElems], doc[U][kElems], lse2[U];
+    Packed<scalar_t> qp[U], dop[U];
+    acc_t lse2[U];
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       const int64_t t = base + u * R + l.sub;
       const int n = t < range.end ? dh : 0;
-      load_chunk(qc[u], a.q + q_base + t * row, l.off, n, a.vec);
-      load_chunk(doc[u], a.grad_output + q_base + t * row, l.off, n, a.vec);
+      load_packed(qp[u], a.q + q_base + t * row, l.off, n, a.vec);
+      load_packed(dop[u], a.grad_output + q_base + t * row, l.off, n, a.vec);
       lse2[u] = n > 0 && t >= range.live ? lse_row[t] * kLog2e<acc_t> : acc_t(0);
     }
     acc_t prob[U][C], dp[U][C], delta[U];
@@ -575,13 +600,16 @@ __global__ void __launch_bounds__(kWarp* kWarpsPerBlock) decoder_backward_kernel
     for (int u = 0; u < U; ++u) {
       const int64_t t = base + u * R + l.sub;
       const bool live = t < range.end && t >= range.live;
+      acc_t qc[kElems], doc[kElems];
+      unpack(qc, qp[u]);
+      unpack(doc, dop[u]);
       delta[u] = 0;
 #pragma unroll
       for (int r = 0; r < C; ++r) {
         prob[u][r] = dp[u][r] = 0;
         if (r >= nslot) continue;
-        const acc_t s = group_sum(dot(qc[u], kf[r]), G);
-        dp[u][r] = group_sum(dot(doc[u], vf[r]), G);
+        const acc_t s = group_sum(dot(qc, kf[r]), G);
+        dp[u][r] = group_sum(dot(doc, vf[r]), G);
         if (live) prob[u][r] = exp2_(s * qscale - lse2[u]);
         delta[u] += prob[u][r] * dp[u][r];
       }
@@ -591,8 +619,8 @@ __global__ void __launch_bounds__(kWarp* kWarpsPerBlock) decoder_backward_kernel
         acc_t ko[kElems], vo[kElems];
         load_chunk(ko, a.k + patch_base + r * row, l.off, dh, a.vec);
         load_chunk(vo, a.v + patch_base + r * row, l.off, dh, a.vec);
-        const acc_t so = group_sum(dot(qc[u], ko), G);
-        const acc_t dpo = group_sum(dot(doc[u], vo), G);
+        const acc_t so = group_sum(dot(qc, ko), G);
+        const acc_t dpo = group_sum(dot(doc, vo), G);
         if (live) delta[u] += exp2_(so * qscale - lse2[u]) * dpo;
       }
     }
@@ -600,15 +628,17 @@ __global__ void __launch_bounds__(kWarp* kWarpsPerBlock) decoder_backward_kernel
     for (int u = 0; u < U; ++u) {
       const int64_t t = base + u * R + l.sub;
       if (t >= range.end || (add && t < range.live)) continue;
-      acc_t dqf[kElems] = {};
+      acc_t dqf[kElems] = {}, qc[kElems], doc[kElems];
+      unpack(qc, qp[u]);
+      unpack(doc, dop[u]);
 #pragma unroll
       for (int r = 0; r < C; ++r) {
         const acc_t ds = prob[u][r] * (dp[u][r] - delta[u]);  // 0 for rows that see no patch
 #pragma unroll
         for (int e = 0; e < kElems; ++e) {
           dqf[e] += ds * kf[r][e];
-          dkf[r][e] += ds * qc[u][e];
-          dvf[r][e] += prob[u][r] * doc[u][e];
+          dkf[r][e] += ds * qc[e];
+          dvf[r][e] += prob[u][r] * doc[e];
         }
       }
       store_chunk(a.dq + q_base + t * row, dqf, a.scale, l.off, dh, a.vec, add);
