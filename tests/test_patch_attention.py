@@ -98,6 +98,18 @@ def test_many_slots(device, generator, direction):
 
 
 @pytest.mark.parametrize("direction", DIRECTIONS)
+def test_head_groups(device, generator, direction):
+    """Many narrow heads side by side (the CUDA kernels pack a warp with heads, then split bytes)
+    and a head count that leaves the last group of heads partial."""
+    for heads, head_dim, dtype in ((16, 8, torch.bfloat16), (5, 64, torch.float32), (16, 64, torch.float16)):
+        q, k, v, lengths = attention_inputs(
+            2, 50, heads, head_dim, 2, direction, dtype=dtype, device=device,
+            generator=generator, requires_grad=True,
+        )
+        assert_matches_reference(q, k, v, lengths, 2, direction, generator)
+
+
+@pytest.mark.parametrize("direction", DIRECTIONS)
 def test_unaligned_storage(device, generator, direction):
     """Contiguous views that start one element into their storage (no 16-byte vector loads)."""
     for head_dim in (64, 20):

@@ -3,12 +3,16 @@
 // As on the CPU, both directions are a block-diagonal attention: patch p pairs its `slots` rows
 // with one contiguous byte range (encoder: the bytes of p, which its slot rows attend; decoder:
 // the bytes t with d(t) = p, which attend its slot rows). Every kernel gives one warp to one
-// (b, p, head): the slot rows live in registers and the warp streams the byte range, so each
-// output row and each gradient row is written by exactly one warp (no atomics, deterministic).
+// (b, p) and a group of heads: the slot rows live in registers and the warp streams the byte
+// range, so each output row and each gradient row is written by exactly one warp (no atomics,
+// deterministic).
 //
 // Within a warp, a group of G lanes (G = next power of two >= Dh / 8) holds one head row, 8
-// elements per lane (16-byte loads for 16-bit types); the 32 / G groups of a warp take
-// different bytes of the range and are merged at the end (online softmax / sums).
+// elements per lane (16-byte loads for 16-bit types), and 32 / G rows sit side by side: first
+// neighbouring heads (Dh = 64: 4 heads, a 512-byte contiguous span of a byte's row), then, when
+// H is too small to fill the warp, sub-groups that take different bytes of the range and merge
+// at the end (online softmax / sums). Each kernel step handles several bytes of the range with
+// all their loads issued before any use, so a warp keeps many independent loads in flight.
 //
 // Patch offsets come from at::cumsum of the lengths on the device (no host synchronisation);
 // the decoder range of p ends where the next non-empty patch ends (a binary search over the
@@ -76,7 +80,9 @@ struct Args {
   int64_t batch, patches, heads, head_dim, queries, keys, bytes, slots;
   int64_t chunk_begin;  // first slot of this launch's chunk
   acc_t scale;
-  int group;  // lanes per head row
+  int group;           // lanes per head row
+  int heads_per_warp;  // head rows side by side in a warp
+  int64_t head_groups; // warps per (b, p): ceil(H / heads_per_warp)
   bool vec;   // 16-byte vector loads allowed (Dh % 8 == 0, 16-byte aligned bases)
 };
 
@@ -99,27 +105,39 @@ constexpr acc_t kLog2e = static_cast<acc_t>(1.4426950408889634);
 template <typename acc_t>
 constexpr acc_t kLn2 = static_cast<acc_t>(0.6931471805599453);
 
-// This lane's 8 elements [off, off + 8) of a head row, zero past Dh.
-template <typename scalar_t, typename acc_t>
-__device__ __forceinline__ void load_chunk(acc_t (&x)[kElems], const scalar_t* row, int off, int dh, bool vec) {
-  if (vec) {
-    if (off < dh) {
-      constexpr int kVecs = kElems * sizeof(scalar_t) / 16;
-      alignas(16) scalar_t vals[kElems];
+// This lane's 8 elements [off, off + 8) of a head row as stored, zero past Dh. The tiles in
+// flight are kept packed (half the registers of the widened form for 16-bit types) and widened
+// where used, which keeps occupancy up.
+template <typename scalar_t>
+struct Packed {
+  alignas(16) scalar_t x[kElems];
+};
+
+template <typename scalar_t>
+__device__ __forceinline__ void load_packed(Packed<scalar_t>& p, const scalar_t* row, int off, int dh, bool vec) {
+  if (vec && off < dh) {
+    constexpr int kVecs = kElems * sizeof(scalar_t) / 16;
 #pragma unroll
-      for (int i = 0; i < kVecs; ++i) {
-        reinterpret_cast<uint4*>(vals)[i] = __ldg(reinterpret_cast<const uint4*>(row + off) + i);
-      }
-#pragma unroll
-      for (int i = 0; i < kElems; ++i) x[i] = static_cast<acc_t>(vals[i]);
-    } else {
-#pragma unroll
-      for (int i = 0; i < kElems; ++i) x[i] = acc_t(0);
+    for (int i = 0; i < kVecs; ++i) {
+      reinterpret_cast<uint4*>(p.x)[i] = __ldg(reinterpret_cast<const uint4*>(row + off) + i);
     }
   } else {
 #pragma unroll
-    for (int i = 0; i < kElems; ++i) x[i] = off + i < dh ? static_cast<acc_t>(row[off + i]) : acc_t(0);
+    for (int i = 0; i < kElems; ++i) p.x[i] = off + i < dh ? row[off + i] : scalar_t(0);
   }
+}
+
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ void unpack(acc_t (&x)[kElems], const Packed<scalar_t>& p) {
+#pragma unroll
+  for (int i = 0; i < kElems; ++i) x[i] = static_cast<acc_t>(p.x[i]);
+}
+
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ void load_chunk(acc_t (&x)[kElems], const scalar_t* row, int off, int dh, bool vec) {
+  Packed<scalar_t> p;
+  load_packed(p, row, off, dh, vec);
+  unpack(x, p);
 }
 
 // Stores factor * x (plus the row's current value when `add`) into this lane's elements.
@@ -173,28 +191,34 @@ __device__ __forceinline__ int chunk_slots(const Args<scalar_t>& a) {
   return left < C ? static_cast<int>(left) : C;
 }
 
-// Where this lane sits: warp = (b, p, h), groups of `group` lanes, 8 elements per lane.
+// Where this lane sits. A warp covers one (b, p) and a group of `heads_per_warp` heads; a head
+// row takes `group` lanes, 8 elements each (16-byte loads for 16-bit types). When a warp has
+// lanes to spare (few heads), its `subs` sub-groups split the patch's byte range and merge.
 struct Lane {
   int64_t b, p, h, bp;
-  int lane, sub, rows_per_warp, off;
-  bool leader;  // first lane of its group: writes the group's scalars
+  int lane, sub, subs, off;
+  int dh;       // Dh, or 0 for a lane whose head is past H: it loads zeros and stores nothing
+  bool leader;  // first lane of an existing head row: writes the row's scalars
 };
 
-// The host checks B * P * H < 2^31, so the warp coordinates use 32-bit division.
+// The host checks B * P * head_groups < 2^31, so the warp coordinates use 32-bit division.
 template <typename scalar_t>
 __device__ __forceinline__ bool make_lane(const Args<scalar_t>& a, Lane& l) {
   const uint32_t warp = blockIdx.x * kWarpsPerBlock + threadIdx.x / kWarp;
-  if (warp >= static_cast<uint32_t>(a.batch * a.patches * a.heads)) return false;
-  const uint32_t heads = static_cast<uint32_t>(a.heads), patches = static_cast<uint32_t>(a.patches);
-  l.h = warp % heads;
-  l.bp = warp / heads;
-  l.b = static_cast<uint32_t>(l.bp) / patches;
-  l.p = static_cast<uint32_t>(l.bp) % patches;
+  if (warp >= static_cast<uint32_t>(a.batch * a.patches * a.head_groups)) return false;
+  const uint32_t groups = static_cast<uint32_t>(a.head_groups), patches = static_cast<uint32_t>(a.patches);
+  const uint32_t bp = warp / groups;
+  l.bp = bp;
+  l.b = bp / patches;
+  l.p = bp % patches;
   l.lane = threadIdx.x % kWarp;
-  l.sub = l.lane / a.group;
-  l.rows_per_warp = kWarp / a.group;
+  const int row_group = l.lane / a.group;
+  l.h = static_cast<int64_t>(warp % groups) * a.heads_per_warp + row_group % a.heads_per_warp;
+  l.sub = row_group / a.heads_per_warp;
+  l.subs = kWarp / (a.group * a.heads_per_warp);
   l.off = (l.lane % a.group) * kElems;
-  l.leader = l.lane % a.group == 0;
+  l.dh = l.h < a.heads ? static_cast<int>(a.head_dim) : 0;
+  l.leader = l.dh > 0 && l.lane % a.group == 0;
   return true;
 }
 
@@ -216,12 +240,13 @@ __device__ __forceinline__ ByteRange encoder_range(const Args<scalar_t>& a, int6
 // before e_p - 1, which see no patch. Empty patches own no byte.
 template <typename scalar_t>
 __device__ __forceinline__ ByteRange decoder_range(const Args<scalar_t>& a, int64_t bp, int64_t p) {
-  const int64_t length = a.lengths[bp];
-  if (length <= 0) return {0, 0, 0};
+  // The three index loads are issued together: one memory round trip in the common case.
   const int64_t* ends = a.ends + (bp - p);
-  const int64_t end = ends[p];
+  const int64_t length = a.lengths[bp], end = ends[p];
+  const int64_t next_end = p + 1 < a.patches ? ends[p + 1] : end;
+  if (length <= 0) return {0, 0, 0};
   int64_t lo = p + 1, hi = a.patches;  // first q > p with ends[q] > end (ends are non-decreasing)
-  if (lo < hi && ends[lo] > end) {
+  if (lo < hi && next_end > end) {
     hi = lo;
   } else {
     while (lo < hi) {
@@ -235,13 +260,16 @@ __device__ __forceinline__ ByteRange decoder_range(const Args<scalar_t>& a, int6
   return {begin, live, clamp64(stop, live, a.bytes)};
 }
 
-// Encoder forward: the chunk's slot queries of patch p attend the patch's bytes.
+// Encoder forward: the chunk's slot queries of patch p attend the patch's bytes, U bytes a step:
+// their loads are in flight together and one online-softmax rescale covers them (a typical
+// 1-8 byte patch takes one or two steps).
 template <typename scalar_t, int C>
 __global__ void __launch_bounds__(kWarp* kWarpsPerBlock) encoder_forward_kernel(const Args<scalar_t> a) {
   using acc_t = typename AccType<scalar_t>::type;
+  constexpr int U = C <= 2 ? 4 : 2;
   Lane l;
   if (!make_lane(a, l)) return;
-  const int G = a.group, R = l.rows_per_warp, dh = static_cast<int>(a.head_dim);
+  const int G = a.group, R = l.subs, dh = l.dh;
   const int64_t row = a.heads * a.head_dim;
   const ByteRange range = encoder_range(a, l.bp);
   const int nslot = chunk_slots<C>(a);
@@ -254,46 +282,57 @@ __global__ void __launch_bounds__(kWarp* kWarpsPerBlock) encoder_forward_kernel(
   acc_t qf[C][kElems], acc[C][kElems], m[C], denom[C];
 #pragma unroll
   for (int r = 0; r < C; ++r) {
-    if (r < nslot) load_chunk(qf[r], q_rows + r * row, l.off, dh, a.vec);
+    load_chunk(qf[r], q_rows + r * row, l.off, r < nslot ? dh : 0, a.vec);
 #pragma unroll
     for (int e = 0; e < kElems; ++e) {
-      qf[r][e] = r < nslot ? qf[r][e] * qscale : acc_t(0);
+      qf[r][e] *= qscale;
       acc[r][e] = 0;
     }
     m[r] = neg_inf<acc_t>();
     denom[r] = 0;
   }
 
-  acc_t kf[kElems], vf[kElems];
-  int64_t i = range.begin + l.sub;
-  if (i < range.end) {
-    load_chunk(kf, k_rows + i * row, l.off, dh, a.vec);
-    load_chunk(vf, v_rows + i * row, l.off, dh, a.vec);
-  }
-  for (int64_t base = range.begin; base < range.end; base += R, i += R) {
-    const bool valid = i < range.end;
-    acc_t kc[kElems], vc[kElems];
+  for (int64_t base = range.begin; base < range.end; base += U * R) {
+    Packed<scalar_t> kp[U], vp[U];
 #pragma unroll
-    for (int e = 0; e < kElems; ++e) kc[e] = kf[e], vc[e] = vf[e];
-    if (i + R < range.end) {  // prefetch the next byte while this one is reduced
-      load_chunk(kf, k_rows + (i + R) * row, l.off, dh, a.vec);
-      load_chunk(vf, v_rows + (i + R) * row, l.off, dh, a.vec);
+    for (int u = 0; u < U; ++u) {
+      const int64_t i = base + u * R + l.sub;
+      const int n = i < range.end ? dh : 0;  // past the patch: zeros, masked below
+      load_packed(kp[u], k_rows + i * row, l.off, n, a.vec);
+      load_packed(vp[u], v_rows + i * row, l.off, n, a.vec);
     }
 #pragma unroll
     for (int r = 0; r < C; ++r) {
       if (r >= nslot) continue;
-      const acc_t s = group_sum(dot(qf[r], kc), G);
-      if (!valid) continue;
-      const acc_t m_new = max(m[r], s);
-      const acc_t alpha = exp2_(m[r] - m_new), weight = exp2_(s - m_new);
-      denom[r] = denom[r] * alpha + weight;
+      acc_t s[U], m_new = m[r];
 #pragma unroll
-      for (int e = 0; e < kElems; ++e) acc[r][e] = acc[r][e] * alpha + weight * vc[e];
+      for (int u = 0; u < U; ++u) {
+        acc_t kc[kElems];
+        unpack(kc, kp[u]);
+        s[u] = group_sum(dot(qf[r], kc), G);
+        if (base + u * R + l.sub >= range.end) s[u] = neg_inf<acc_t>();
+        m_new = max(m_new, s[u]);
+      }
+      // A sub-group may have seen no byte yet (m_new = -inf): all its weights are then 0.
+      const acc_t m_use = m_new == neg_inf<acc_t>() ? acc_t(0) : m_new;
+      const acc_t alpha = exp2_(m[r] - m_use);
+      denom[r] *= alpha;
+#pragma unroll
+      for (int e = 0; e < kElems; ++e) acc[r][e] *= alpha;
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        const acc_t weight = exp2_(s[u] - m_use);
+        denom[r] += weight;
+        acc_t vc[kElems];
+        unpack(vc, vp[u]);
+#pragma unroll
+        for (int e = 0; e < kElems; ++e) acc[r][e] += weight * vc[e];
+      }
       m[r] = m_new;
     }
   }
-  // Merge the groups' partial softmax states (butterfly: every group ends with the total).
-  for (int o = G; o < kWarp; o <<= 1) {
+  // Merge the sub-groups' partial softmax states (butterfly: every sub-group ends with the total).
+  for (int o = G * a.heads_per_warp; o < kWarp; o <<= 1) {
 #pragma unroll
     for (int r = 0; r < C; ++r) {
       if (r >= nslot) continue;
@@ -322,13 +361,15 @@ __global__ void __launch_bounds__(kWarp* kWarpsPerBlock) encoder_forward_kernel(
   }
 }
 
-// Encoder backward: dq of the chunk's slot rows, dk/dv of the patch's bytes (summed over chunks).
+// Encoder backward: dq of the chunk's slot rows, dk/dv of the patch's bytes (summed over chunks),
+// U bytes a step with their loads in flight together.
 template <typename scalar_t, int C>
 __global__ void __launch_bounds__(kWarp* kWarpsPerBlock) encoder_backward_kernel(const Args<scalar_t> a) {
   using acc_t = typename AccType<scalar_t>::type;
+  constexpr int U = C <= 2 ? 2 : 1;
   Lane l;
   if (!make_lane(a, l)) return;
-  const int G = a.group, R = l.rows_per_warp, dh = static_cast<int>(a.head_dim);
+  const int G = a.group, R = l.subs, dh = l.dh;
   const int64_t row = a.heads * a.head_dim;
   const ByteRange range = encoder_range(a, l.bp);
   const int nslot = chunk_slots<C>(a);
@@ -343,54 +384,71 @@ __global__ void __launch_bounds__(kWarp* kWarpsPerBlock) encoder_backward_kernel
   acc_t qf[C][kElems], dof[C][kElems], dqf[C][kElems], lse2[C], delta[C];
 #pragma unroll
   for (int r = 0; r < C; ++r) {
+    const int n = r < nslot ? dh : 0;  // rows past the chunk are zeros: they add nothing
     acc_t of[kElems];
-    if (r < nslot) {
-      load_chunk(qf[r], a.q + q_base + r * row, l.off, dh, a.vec);
-      load_chunk(dof[r], a.grad_output + q_base + r * row, l.off, dh, a.vec);
-      load_chunk(of, a.output + q_base + r * row, l.off, dh, a.vec);
-      lse2[r] = lse_rows[r] * kLog2e<acc_t>;
-      delta[r] = group_sum(dot(dof[r], of), G);
-    }
+    load_chunk(qf[r], a.q + q_base + r * row, l.off, n, a.vec);
+    load_chunk(dof[r], a.grad_output + q_base + r * row, l.off, n, a.vec);
+    load_chunk(of, a.output + q_base + r * row, l.off, n, a.vec);
+    lse2[r] = n > 0 ? lse_rows[r] * kLog2e<acc_t> : acc_t(0);
+    delta[r] = group_sum(dot(dof[r], of), G);
 #pragma unroll
     for (int e = 0; e < kElems; ++e) dqf[r][e] = 0;
   }
 
-  acc_t kf[kElems], vf[kElems];
-  int64_t i = range.begin + l.sub;
-  if (i < range.end) {
-    load_chunk(kf, k_rows + i * row, l.off, dh, a.vec);
-    load_chunk(vf, v_rows + i * row, l.off, dh, a.vec);
-  }
-  for (int64_t base = range.begin; base < range.end; base += R, i += R) {
-    const bool valid = i < range.end;
-    acc_t kc[kElems], vc[kElems], dkf[kElems], dvf[kElems];
+  for (int64_t base = range.begin; base < range.end; base += U * R) {
+    Packed<scalar_t> kp[U], vp[U];
 #pragma unroll
-    for (int e = 0; e < kElems; ++e) kc[e] = kf[e], vc[e] = vf[e], dkf[e] = 0, dvf[e] = 0;
-    if (i + R < range.end) {
-      load_chunk(kf, k_rows + (i + R) * row, l.off, dh, a.vec);
-      load_chunk(vf, v_rows + (i + R) * row, l.off, dh, a.vec);
+    for (int u = 0; u < U; ++u) {
+      const int64_t i = base + u * R + l.sub;
+      const int n = i < range.end ? dh : 0;
+      load_packed(kp[u], k_rows + i * row, l.off, n, a.vec);
+      load_packed(vp[u], v_rows + i * row, l.off, n, a.vec);
     }
+    acc_t prob[C][U], ds[C][U];
 #pragma unroll
     for (int r = 0; r < C; ++r) {
-      if (r >= nslot) continue;
-      const acc_t s = group_sum(dot(qf[r], kc), G);
-      const acc_t dp = group_sum(dot(dof[r], vc), G);
-      if (!valid) continue;
-      const acc_t prob = exp2_(s * qscale - lse2[r]);
-      const acc_t ds = prob * (dp - delta[r]);
 #pragma unroll
-      for (int e = 0; e < kElems; ++e) {
-        dvf[e] += prob * dof[r][e];
-        dkf[e] += ds * qf[r][e];
-        dqf[r][e] += ds * kc[e];
+      for (int u = 0; u < U; ++u) {
+        prob[r][u] = ds[r][u] = 0;
+        if (r >= nslot) continue;
+        acc_t kc[kElems], vc[kElems];
+        unpack(kc, kp[u]);
+        unpack(vc, vp[u]);
+        const acc_t s = group_sum(dot(qf[r], kc), G);
+        const acc_t dp = group_sum(dot(dof[r], vc), G);
+        if (base + u * R + l.sub >= range.end) continue;
+        prob[r][u] = exp2_(s * qscale - lse2[r]);
+        ds[r][u] = prob[r][u] * (dp - delta[r]);
       }
     }
-    if (valid) {
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      acc_t kc[kElems];
+      unpack(kc, kp[u]);
+#pragma unroll
+      for (int r = 0; r < C; ++r) {
+#pragma unroll
+        for (int e = 0; e < kElems; ++e) dqf[r][e] += ds[r][u] * kc[e];
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int64_t i = base + u * R + l.sub;
+      if (i >= range.end) continue;
+      acc_t dkf[kElems] = {}, dvf[kElems] = {};
+#pragma unroll
+      for (int r = 0; r < C; ++r) {
+#pragma unroll
+        for (int e = 0; e < kElems; ++e) {
+          dkf[e] += ds[r][u] * qf[r][e];
+          dvf[e] += prob[r][u] * dof[r][e];
+        }
+      }
       store_chunk(a.dk + (l.b * a.keys + i) * row + l.h * a.head_dim, dkf, a.scale, l.off, dh, a.vec, add);
       store_chunk(a.dv + (l.b * a.keys + i) * row + l.h * a.head_dim, dvf, acc_t(1), l.off, dh, a.vec, add);
     }
   }
-  for (int o = G; o < kWarp; o <<= 1) {
+  for (int o = G * a.heads_per_warp; o < kWarp; o <<= 1) {
 #pragma unroll
     for (int r = 0; r < C; ++r) {
 #pragma unroll
@@ -403,15 +461,17 @@ __global__ void __launch_bounds__(kWarp* kWarpsPerBlock) encoder_backward_kernel
   }
 }
 
-// Decoder forward: the bytes that read patch p attend the chunk's slot keys.
+// Decoder forward: the bytes that read patch p attend the chunk's slot keys, U bytes a step with
+// their q loads in flight together; the slot rows stay in registers.
 template <typename scalar_t, int C>
 __global__ void __launch_bounds__(kWarp* kWarpsPerBlock) decoder_forward_kernel(const Args<scalar_t> a) {
   using acc_t = typename AccType<scalar_t>::type;
+  constexpr int U = 4;
   Lane l;
   if (!make_lane(a, l)) return;
   const ByteRange range = decoder_range(a, l.bp, l.p);
   if (range.begin >= range.end) return;
-  const int G = a.group, R = l.rows_per_warp, dh = static_cast<int>(a.head_dim);
+  const int G = a.group, R = l.subs, dh = l.dh;
   const int64_t row = a.heads * a.head_dim;
   const int nslot = chunk_slots<C>(a);
   const int64_t k_base = (l.b * a.keys + l.p * a.slots + a.chunk_begin) * row + l.h * a.head_dim;
@@ -421,67 +481,76 @@ __global__ void __launch_bounds__(kWarp* kWarpsPerBlock) decoder_forward_kernel(
   acc_t kf[C][kElems], vf[C][kElems];
 #pragma unroll
   for (int r = 0; r < C; ++r) {
-    if (r < nslot) {
-      load_chunk(kf[r], a.k + k_base + r * row, l.off, dh, a.vec);
-      load_chunk(vf[r], a.v + k_base + r * row, l.off, dh, a.vec);
-    }
+    const int n = r < nslot ? dh : 0;
+    load_chunk(kf[r], a.k + k_base + r * row, l.off, n, a.vec);
+    load_chunk(vf[r], a.v + k_base + r * row, l.off, n, a.vec);
 #pragma unroll
-    for (int e = 0; e < kElems; ++e) kf[r][e] = r < nslot ? kf[r][e] * qscale : acc_t(0);
+    for (int e = 0; e < kElems; ++e) kf[r][e] *= qscale;
   }
   const scalar_t* q_rows = a.q + l.b * a.queries * row + l.h * a.head_dim;
   scalar_t* out_rows = a.out + l.b * a.queries * row + l.h * a.head_dim;
   acc_t* lse_row = a.lse + (l.b * a.heads + l.h) * a.queries;
 
-  acc_t qn[kElems];
-  int64_t t = range.begin + l.sub;
-  if (t < range.end) load_chunk(qn, q_rows + t * row, l.off, dh, a.vec);
-  for (int64_t base = range.begin; base < range.end; base += R, t += R) {
-    acc_t qc[kElems];
+  for (int64_t base = range.begin; base < range.end; base += U * R) {
+    Packed<scalar_t> qp[U];
+    acc_t prev_lse[U];
 #pragma unroll
-    for (int e = 0; e < kElems; ++e) qc[e] = qn[e];
-    if (t + R < range.end) load_chunk(qn, q_rows + (t + R) * row, l.off, dh, a.vec);
-    // Every lane of a group reads the earlier chunks' lse before its leader overwrites it.
-    const acc_t prev_lse = merge && t < range.end ? lse_row[t] : acc_t(0);
+    for (int u = 0; u < U; ++u) {
+      const int64_t t = base + u * R + l.sub;
+      const bool valid = t < range.end && dh > 0;
+      load_packed(qp[u], q_rows + t * row, l.off, valid ? dh : 0, a.vec);
+      prev_lse[u] = merge && valid ? lse_row[t] : acc_t(0);
+    }
+    // Every lane of a row reads the earlier chunks' lse before its leader overwrites it.
     if (merge) __syncwarp();
-    acc_t s[C];
-    acc_t m = neg_inf<acc_t>();
+    acc_t s[U][C];
 #pragma unroll
-    for (int r = 0; r < C; ++r) {
-      if (r >= nslot) continue;
-      s[r] = group_sum(dot(qc, kf[r]), G);
-      m = max(m, s[r]);
+    for (int u = 0; u < U; ++u) {
+      acc_t qc[kElems];
+      unpack(qc, qp[u]);
+#pragma unroll
+      for (int r = 0; r < C; ++r) s[u][r] = r < nslot ? group_sum(dot(qc, kf[r]), G) : acc_t(0);
     }
-    if (t >= range.end) continue;
-    const bool live = t >= range.live;
-    if (merge && !live) continue;  // the first chunk already wrote 0 and -inf
-    acc_t o[kElems] = {}, denom = 0;
 #pragma unroll
-    for (int r = 0; r < C; ++r) {
-      if (r >= nslot) continue;
-      const acc_t weight = exp2_(s[r] - m);
-      denom += weight;
+    for (int u = 0; u < U; ++u) {
+      const int64_t t = base + u * R + l.sub;
+      if (t >= range.end) continue;
+      const bool live = t >= range.live;
+      if (merge && !live) continue;  // the first chunk already wrote 0 and -inf
+      acc_t m = neg_inf<acc_t>();
 #pragma unroll
-      for (int e = 0; e < kElems; ++e) o[e] += weight * vf[r][e];
+      for (int r = 0; r < C; ++r) {
+        if (r < nslot) m = max(m, s[u][r]);
+      }
+      acc_t o[kElems] = {}, denom = 0;
+#pragma unroll
+      for (int r = 0; r < C; ++r) {
+        if (r >= nslot) continue;
+        const acc_t weight = exp2_(s[u][r] - m);
+        denom += weight;
+#pragma unroll
+        for (int e = 0; e < kElems; ++e) o[e] += weight * vf[r][e];
+      }
+      acc_t lse = (m + log2_(denom)) * kLn2<acc_t>;
+      acc_t factor = acc_t(1) / denom;
+      scalar_t* out_row = out_rows + t * row;
+      if (!live) {
+        factor = 0;
+        lse = neg_inf<acc_t>();
+      } else if (merge) {  // combine with the earlier chunks: a log-sum-exp weighted mean
+        const acc_t top = max(prev_lse[u], lse);
+        const acc_t total = top + log_(exp_(prev_lse[u] - top) + exp_(lse - top));
+        acc_t prev[kElems];
+        load_chunk(prev, out_row, l.off, dh, a.vec);
+        const acc_t w_prev = exp_(prev_lse[u] - total), w_this = exp_(lse - total) / denom;
+#pragma unroll
+        for (int e = 0; e < kElems; ++e) o[e] = prev[e] * w_prev + o[e] * w_this;
+        factor = 1;
+        lse = total;
+      }
+      store_chunk(out_row, o, factor, l.off, dh, a.vec, false);
+      if (l.leader) lse_row[t] = lse;
     }
-    acc_t lse = (m + log2_(denom)) * kLn2<acc_t>;
-    acc_t factor = acc_t(1) / denom;
-    scalar_t* out_row = out_rows + t * row;
-    if (!live) {
-      factor = 0;
-      lse = neg_inf<acc_t>();
-    } else if (merge) {  // combine with the earlier chunks: a log-sum-exp weighted mean
-      const acc_t top = max(prev_lse, lse);
-      const acc_t total = top + log_(exp_(prev_lse - top) + exp_(lse - top));
-      acc_t prev[kElems];
-      load_chunk(prev, out_row, l.off, dh, a.vec);
-      const acc_t w_prev = exp_(prev_lse - total), w_this = exp_(lse - total) / denom;
-#pragma unroll
-      for (int e = 0; e < kElems; ++e) o[e] = prev[e] * w_prev + o[e] * w_this;
-      factor = 1;
-      lse = total;
-    }
-    store_chunk(out_row, o, factor, l.off, dh, a.vec, false);
-    if (l.leader) lse_row[t] = lse;
   }
 }
 
@@ -491,10 +560,11 @@ __global__ void __launch_bounds__(kWarp* kWarpsPerBlock) decoder_forward_kernel(
 template <typename scalar_t, int C>
 __global__ void __launch_bounds__(kWarp* kWarpsPerBlock) decoder_backward_kernel(const Args<scalar_t> a) {
   using acc_t = typename AccType<scalar_t>::type;
+  constexpr int U = C <= 2 ? 2 : 1;
   Lane l;
   if (!make_lane(a, l)) return;
   const ByteRange range = decoder_range(a, l.bp, l.p);
-  const int G = a.group, R = l.rows_per_warp, dh = static_cast<int>(a.head_dim);
+  const int G = a.group, R = l.subs, dh = l.dh;
   const int64_t row = a.heads * a.head_dim;
   const int nslot = chunk_slots<C>(a);
   const int64_t patch_base = (l.b * a.keys + l.p * a.slots) * row + l.h * a.head_dim;
@@ -505,74 +575,76 @@ __global__ void __launch_bounds__(kWarp* kWarpsPerBlock) decoder_backward_kernel
   acc_t kf[C][kElems], vf[C][kElems], dkf[C][kElems], dvf[C][kElems];
 #pragma unroll
   for (int r = 0; r < C; ++r) {
-    if (r < nslot) {
-      load_chunk(kf[r], a.k + k_base + r * row, l.off, dh, a.vec);
-      load_chunk(vf[r], a.v + k_base + r * row, l.off, dh, a.vec);
-    }
+    const int n = r < nslot ? dh : 0;
+    load_chunk(kf[r], a.k + k_base + r * row, l.off, n, a.vec);
+    load_chunk(vf[r], a.v + k_base + r * row, l.off, n, a.vec);
 #pragma unroll
-    for (int e = 0; e < kElems; ++e) {
-      if (r >= nslot) kf[r][e] = vf[r][e] = 0;
-      dkf[r][e] = dvf[r][e] = 0;
-    }
+    for (int e = 0; e < kElems; ++e) dkf[r][e] = dvf[r][e] = 0;
   }
   const int64_t q_base = l.b * a.queries * row + l.h * a.head_dim;
   const acc_t* lse_row = a.lse + (l.b * a.heads + l.h) * a.queries;
 
-  acc_t qn[kElems], don[kElems], lse_next = 0;
-  int64_t t = range.begin + l.sub;
-  if (t < range.end) {
-    load_chunk(qn, a.q + q_base + t * row, l.off, dh, a.vec);
-    load_chunk(don, a.grad_output + q_base + t * row, l.off, dh, a.vec);
-    lse_next = lse_row[t];
-  }
-  for (int64_t base = range.begin; base < range.end; base += R, t += R) {
-    const bool valid = t < range.end, live = valid && t >= range.live;
-    acc_t qc[kElems], doc[kElems];
+  for (int64_t base = range.begin; base < range.end; base += U * R) {
+    Packed<scalar_t> qp[U], dop[U];
+    acc_t lse2[U];
 #pragma unroll
-    for (int e = 0; e < kElems; ++e) qc[e] = qn[e], doc[e] = don[e];
-    const acc_t lse2 = live ? lse_next * kLog2e<acc_t> : acc_t(0);
-    if (t + R < range.end) {
-      load_chunk(qn, a.q + q_base + (t + R) * row, l.off, dh, a.vec);
-      load_chunk(don, a.grad_output + q_base + (t + R) * row, l.off, dh, a.vec);
-      lse_next = lse_row[t + R];
+    for (int u = 0; u < U; ++u) {
+      const int64_t t = base + u * R + l.sub;
+      const int n = t < range.end ? dh : 0;
+      load_packed(qp[u], a.q + q_base + t * row, l.off, n, a.vec);
+      load_packed(dop[u], a.grad_output + q_base + t * row, l.off, n, a.vec);
+      lse2[u] = n > 0 && t >= range.live ? lse_row[t] * kLog2e<acc_t> : acc_t(0);
     }
-    acc_t prob[C], dp[C], delta = 0;
+    acc_t prob[U][C], dp[U][C], delta[U];
 #pragma unroll
-    for (int r = 0; r < C; ++r) {
-      if (r >= nslot) {
-        prob[r] = dp[r] = 0;
-        continue;
+    for (int u = 0; u < U; ++u) {
+      const int64_t t = base + u * R + l.sub;
+      const bool live = t < range.end && t >= range.live;
+      acc_t qc[kElems], doc[kElems];
+      unpack(qc, qp[u]);
+      unpack(doc, dop[u]);
+      delta[u] = 0;
+#pragma unroll
+      for (int r = 0; r < C; ++r) {
+        prob[u][r] = dp[u][r] = 0;
+        if (r >= nslot) continue;
+        const acc_t s = group_sum(dot(qc, kf[r]), G);
+        dp[u][r] = group_sum(dot(doc, vf[r]), G);
+        if (live) prob[u][r] = exp2_(s * qscale - lse2[u]);
+        delta[u] += prob[u][r] * dp[u][r];
       }
-      const acc_t s = group_sum(dot(qc, kf[r]), G);
-      dp[r] = group_sum(dot(doc, vf[r]), G);
-      prob[r] = live ? exp2_(s * qscale - lse2) : acc_t(0);
-      delta += prob[r] * dp[r];
-    }
-    // Slots outside this chunk still count in D_t (only when slots > kMaxChunk).
-    for (int64_t r = 0; r < a.slots; ++r) {
-      if (r >= a.chunk_begin && r < a.chunk_begin + nslot) continue;
-      acc_t ko[kElems], vo[kElems];
-      load_chunk(ko, a.k + patch_base + r * row, l.off, dh, a.vec);
-      load_chunk(vo, a.v + patch_base + r * row, l.off, dh, a.vec);
-      const acc_t s = group_sum(dot(qc, ko), G);
-      const acc_t dpo = group_sum(dot(doc, vo), G);
-      if (live) delta += exp2_(s * qscale - lse2) * dpo;
-    }
-    if (!valid || (add && !live)) continue;
-    acc_t dqf[kElems] = {};
-#pragma unroll
-    for (int r = 0; r < C; ++r) {
-      const acc_t ds = prob[r] * (dp[r] - delta);  // 0 for rows that see no patch
-#pragma unroll
-      for (int e = 0; e < kElems; ++e) {
-        dqf[e] += ds * kf[r][e];
-        dkf[r][e] += ds * qc[e];
-        dvf[r][e] += prob[r] * doc[e];
+      // Slots outside this chunk still count in D_t (only when slots > kMaxChunk).
+      for (int64_t r = 0; r < a.slots; ++r) {
+        if (r >= a.chunk_begin && r < a.chunk_begin + nslot) continue;
+        acc_t ko[kElems], vo[kElems];
+        load_chunk(ko, a.k + patch_base + r * row, l.off, dh, a.vec);
+        load_chunk(vo, a.v + patch_base + r * row, l.off, dh, a.vec);
+        const acc_t so = group_sum(dot(qc, ko), G);
+        const acc_t dpo = group_sum(dot(doc, vo), G);
+        if (live) delta[u] += exp2_(so * qscale - lse2[u]) * dpo;
       }
     }
-    store_chunk(a.dq + q_base + t * row, dqf, a.scale, l.off, dh, a.vec, add);
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int64_t t = base + u * R + l.sub;
+      if (t >= range.end || (add && t < range.live)) continue;
+      acc_t dqf[kElems] = {}, qc[kElems], doc[kElems];
+      unpack(qc, qp[u]);
+      unpack(doc, dop[u]);
+#pragma unroll
+      for (int r = 0; r < C; ++r) {
+        const acc_t ds = prob[u][r] * (dp[u][r] - delta[u]);  // 0 for rows that see no patch
+#pragma unroll
+        for (int e = 0; e < kElems; ++e) {
+          dqf[e] += ds * kf[r][e];
+          dkf[r][e] += ds * qc[e];
+          dvf[r][e] += prob[u][r] * doc[e];
+        }
+      }
+      store_chunk(a.dq + q_base + t * row, dqf, a.scale, l.off, dh, a.vec, add);
+    }
   }
-  for (int o = G; o < kWarp; o <<= 1) {
+  for (int o = G * a.heads_per_warp; o < kWarp; o <<= 1) {
 #pragma unroll
     for (int r = 0; r < C; ++r) {
 #pragma unroll
@@ -589,7 +661,6 @@ __global__ void __launch_bounds__(kWarp* kWarpsPerBlock) decoder_backward_kernel
     store_chunk(a.dv + k_base + r * row, dvf[r], acc_t(1), l.off, dh, a.vec, false);
   }
 }
-
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
 template <typename scalar_t>
@@ -609,16 +680,25 @@ Args<scalar_t> make_args(const AttentionShape& s, const at::Tensor& lengths, con
   const int lanes = static_cast<int>((s.head_dim + kElems - 1) / kElems);
   a.group = 1;
   while (a.group < lanes) a.group <<= 1;
+  a.heads_per_warp = 1;
+  while (a.heads_per_warp < kWarp / a.group && a.heads_per_warp < s.heads) a.heads_per_warp <<= 1;
+  a.head_groups = (s.heads + a.heads_per_warp - 1) / a.heads_per_warp;
   return a;
 }
 
-// Runs kernel<C> over every (b, p, h) warp, once per chunk of at most kMaxChunk slots.
+// Warps of a launch: one per (b, p, head group).
+template <typename scalar_t>
+int64_t warp_count(const Args<scalar_t>& a) {
+  return a.batch * a.patches * a.head_groups;
+}
+
+// Runs kernel<C> over every (b, p, head group) warp, once per chunk of at most kMaxChunk slots.
 template <typename scalar_t, typename Launch>
 void launch_chunks(Args<scalar_t> a, Launch launch) {
-  const int64_t warps = a.batch * a.patches * a.heads;
+  const int64_t warps = warp_count(a);
   if (warps == 0) return;
-  TORCH_CHECK(warps < (int64_t{1} << 31), "blt_ext.patch_cross_attention: B * P * H must be below 2^31, got ",
-              warps);
+  TORCH_CHECK(warps < (int64_t{1} << 31),
+              "blt_ext.patch_cross_attention: B * P * ceil(H / heads per warp) must be below 2^31, got ", warps);
   const dim3 grid(static_cast<unsigned>((warps + kWarpsPerBlock - 1) / kWarpsPerBlock));
   const dim3 block(kWarp * kWarpsPerBlock);
   const auto stream = c10::cuda::getCurrentCUDAStream();
