@@ -26,6 +26,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <initializer_list>
+#include <optional>
 #include <tuple>
 #include <type_traits>
 
@@ -384,7 +385,8 @@ void hash_backward(const at::Tensor& grad, const at::Tensor& tokens, at::Tensor&
   }
   at::Tensor rows = at::empty({positions * config.num_tables}, tokens.options());
   launch_ids(tokens, rows, config, /*offset_tables=*/true);
-  const auto sorted = at::sort(rows, /*stable=*/true, /*dim=*/0);
+  // Spelled as optional<bool>: a plain `true` would pick the sort(self, dim, descending) overload.
+  const auto sorted = at::sort(rows, std::optional<bool>(true), /*dim=*/0, /*descending=*/false);
   const at::Tensor& sorted_rows = std::get<0>(sorted);
   const at::Tensor& entries = std::get<1>(sorted);
   with_pack_width<scalar_t>(vector, [&]<int kElems>() {
