@@ -1,36 +1,43 @@
 #!/usr/bin/env bash
-# One call on a GPU machine: build with CUDA for sm_90, run the CUDA tests, run compute-sanitizer
-# (memcheck, racecheck) over small cases of every kernel, run the GPU benchmarks, print a short
-# table last; each step has a time limit so the whole run fits one 10-minute call.
-# Usage: benchmarks/gpu_check.sh LOGDIR [pytest -k expression for the benchmarks]
+# One call on a GPU machine: build with CUDA for sm_90, run the CUDA tests, run the GPU benchmarks
+# (one op family at a time, so a time limit loses at most one table), run compute-sanitizer
+# (memcheck, racecheck) over small cases of every kernel, and print a short summary last.
+# Usage: benchmarks/gpu_check.sh LOGDIR [benchmark files...]   (LOGDIR receives at most 7 files)
 set -uo pipefail
 cd "$(dirname "$0")/.."
-LOG=${1:?usage: benchmarks/gpu_check.sh LOGDIR}
+LOG=${1:?usage: benchmarks/gpu_check.sh LOGDIR [benchmark files...]}
+shift
+BENCH_FILES=("$@")
+[ ${#BENCH_FILES[@]} -gt 0 ] || BENCH_FILES=(benchmarks/bench_*.py)
 mkdir -p "$LOG"
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} PYTHONUNBUFFERED=1
 status=()
-step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to $LOG/NAME.log, record the outcome
+step() {  # step NAME SECONDS COMMAND...: run with a time limit, append to $LOG/NAME.log, record the outcome
   local name=$1 limit=$2; shift 2
   local start=$SECONDS
-  timeout "$limit" "$@" >"$LOG/$name.log" 2>&1
+  timeout "$limit" "$@" >>"$LOG/$name.log" 2>&1
   local rc=$?
-  status+=("$(printf '%-12s %-4s %4ss' "$name" "$([ $rc = 0 ] && echo ok || echo FAIL)" $((SECONDS - start)))")
-  tail -n 3 "$LOG/$name.log"
+  status+=("$(printf '%-26s %-4s %4ss' "$name ${*: -1}" "$([ $rc = 0 ] && echo ok || echo FAIL)" $((SECONDS - start)))")
   return $rc
 }
 
-step build 300 tools/setup_env.sh || { cat "$LOG/build.log"; exit 1; }
+step build 300 tools/setup_env.sh || { tail -40 "$LOG/build.log"; exit 1; }
 PY=$(tail -n 1 "$LOG/build.log")
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader >"$LOG/gpu.txt" 2>&1
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader >>"$LOG/env.log" 2>&1
 step env 60 "$PY" -m blt_ext env
-step cuda-tests 200 "$PY" -m pytest tests -m cuda -q --tb=short --maxfail=20 -rs -p no:cacheprovider
-BLT_BENCH_DEVICE=cuda step bench 300 "$PY" benchmarks/run.py --record "$LOG/gpu-ops.md" ${2:+-k "$2"}
+step cuda-tests 240 "$PY" -m pytest tests -m cuda -q --tb=short --maxfail=20 -rs -p no:cacheprovider
+for file in "${BENCH_FILES[@]}"; do
+  BLT_BENCH_DEVICE=cuda step bench 200 "$PY" benchmarks/run.py --record "$LOG/table.tmp" "$file" &&
+    cat "$LOG/table.tmp" >>"$LOG/gpu-ops.md" && echo >>"$LOG/gpu-ops.md"
+done
+rm -f "$LOG/table.tmp"
 if command -v compute-sanitizer >/dev/null; then
-  step memcheck 120 compute-sanitizer --tool memcheck --error-exitcode 1 "$PY" tools/sanitize_cases.py
-  step racecheck 120 compute-sanitizer --tool racecheck --error-exitcode 1 "$PY" tools/sanitize_cases.py
+  step memcheck 150 compute-sanitizer --tool memcheck --error-exitcode 1 "$PY" tools/sanitize_cases.py
+  step racecheck 150 compute-sanitizer --tool racecheck --error-exitcode 1 "$PY" tools/sanitize_cases.py
 fi
 
-echo; echo "== $(cat "$LOG/gpu.txt")"
+echo; cat "$LOG/env.log"
+tail -n 2 "$LOG/cuda-tests.log"
 printf '%s\n' "${status[@]}"
 echo
-sed -n '/^| workload/,$p' "$LOG/gpu-ops.md" 2>/dev/null
+grep -h '^| ' "$LOG/gpu-ops.md" 2>/dev/null | grep -v '^| workload' | grep -v '^|---' | cut -c1-220
