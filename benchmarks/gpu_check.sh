@@ -10,7 +10,7 @@ shift
 BENCH_FILES=("$@")
 [ ${#BENCH_FILES[@]} -gt 0 ] || BENCH_FILES=(benchmarks/bench_*.py)
 mkdir -p "$LOG"
-export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} PYTHONUNBUFFERED=1
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 status=()
 step() {  # step NAME SECONDS COMMAND...: run with a time limit, append to $LOG/NAME.log, record the outcome
   local name=$1 limit=$2; shift 2

@@ -10,6 +10,17 @@
 
 namespace blt_ext {
 
+// "[2, 0, 5]". Shapes are formatted here rather than by streaming an IntArrayRef into
+// TORCH_CHECK: on the H200 build (nvcc 13, torch 2.11) a .cu file whose check streamed
+// logits.sizes() into its message crashed the process instead of raising.
+inline std::string shape_str(at::IntArrayRef sizes) {
+  std::string out = "[";
+  for (size_t i = 0; i < sizes.size(); ++i) {
+    out += (i ? ", " : "") + std::to_string(sizes[i]);
+  }
+  return out + "]";
+}
+
 inline void check_defined(const at::Tensor& t, const char* op, const char* name) {
   TORCH_CHECK_VALUE(t.defined(), "blt_ext.", op, ": ", name, " must be a defined tensor");
 }
@@ -18,7 +29,7 @@ inline void check_dim(const at::Tensor& t, const char* op, const char* name, int
                       const char* layout) {
   check_defined(t, op, name);
   TORCH_CHECK_VALUE(t.dim() == dim, "blt_ext.", op, ": ", name, " must be a ", dim, "-D tensor ",
-                    layout, ", got shape ", t.sizes());
+                    layout, ", got shape ", shape_str(t.sizes()));
 }
 
 inline void check_dtype(const at::Tensor& t, const char* op, const char* name, at::ScalarType dtype) {
@@ -42,8 +53,8 @@ inline void check_same_dtype(const at::Tensor& a, const at::Tensor& b, const cha
 
 inline void check_contiguous(const at::Tensor& t, const char* op, const char* name) {
   TORCH_CHECK_VALUE(t.is_contiguous(), "blt_ext.", op, ": ", name,
-                    " must be contiguous (call .contiguous() first), got strides ", t.strides(),
-                    " for shape ", t.sizes());
+                    " must be contiguous (call .contiguous() first), got strides ", shape_str(t.strides()),
+                    " for shape ", shape_str(t.sizes()));
 }
 
 inline void check_same_device(const at::Tensor& a, const at::Tensor& b, const char* op, const char* name_a,
@@ -55,7 +66,7 @@ inline void check_same_device(const at::Tensor& a, const at::Tensor& b, const ch
 inline void check_size(const at::Tensor& t, int64_t dim, int64_t expected, const char* op, const char* name,
                        const char* what) {
   TORCH_CHECK_VALUE(t.size(dim) == expected, "blt_ext.", op, ": ", name, ".size(", dim, ") (", what,
-                    ") must be ", expected, ", got ", t.size(dim), " (shape ", t.sizes(), ")");
+                    ") must be ", expected, ", got ", t.size(dim), " (shape ", shape_str(t.sizes()), ")");
 }
 
 // Patch lengths [B, P], int64, non-negative, each row summing to T (every byte in a patch) or to

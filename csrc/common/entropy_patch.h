@@ -74,7 +74,7 @@ inline void check_logits(const at::Tensor& logits) {
                     "got a 0-D tensor");
   check_floating(logits, "entropy", "logits");
   TORCH_CHECK_VALUE(logits.size(-1) >= 1, "blt_ext.entropy: logits.size(-1) (vocabulary size V) must be >= 1, ",
-                    "got shape ", logits.sizes());
+                    "got shape ", shape_str(logits.sizes()));
 }
 
 inline void check_entropy_patch_starts_args(const at::Tensor& entropies, double threshold,
@@ -98,7 +98,7 @@ inline void check_patch_layout_args(const at::Tensor& starts, std::optional<int6
   check_dtype(starts, op, "starts", at::kBool);
   TORCH_CHECK_VALUE(starts.size(1) >= 1, "blt_ext.", op,
                     ": starts.size(1) (T + 1, the bytes and the next byte) must be >= 1, got shape ",
-                    starts.sizes());
+                    shape_str(starts.sizes()));
   TORCH_CHECK_VALUE(!max_patch_length.has_value() || *max_patch_length >= 1, "blt_ext.", op,
                     ": max_patch_length must be >= 1 (or None), got ", max_patch_length.value_or(0));
 }

@@ -85,7 +85,7 @@ inline void check_backward_inputs(const at::Tensor& grad_output, const at::Tenso
   for (const auto& [t, name] : {std::pair{&grad_output, "grad_output"}, std::pair{&output, "output"}}) {
     check_dim(*t, op, name, 4, "[B, Sq, H, Dh]");
     TORCH_CHECK_VALUE(t->sizes() == q.sizes(), "blt_ext.", op, ": ", name, " must have the shape of q ",
-                      q.sizes(), ", got ", t->sizes());
+                      shape_str(q.sizes()), ", got ", shape_str(t->sizes()));
     check_same_dtype(q, *t, op, "q", name);
     check_same_device(q, *t, op, "q", name);
     check_contiguous(*t, op, name);
