@@ -68,39 +68,13 @@ C10_HOST_DEVICE inline bool space_starts_at(int64_t prev, int64_t token) {
   return token < kOffset || (space_like(token) && !space_like(prev));
 }
 
-inline void check_logits(const at::Tensor& logits) {
-  check_defined(logits, "entropy", "logits");
-  TORCH_CHECK_VALUE(logits.dim() >= 1, "blt_ext.entropy: logits must be a tensor [..., V] of at least 1 dimension, ",
-                    "got a 0-D tensor");
-  check_floating(logits, "entropy", "logits");
-  TORCH_CHECK_VALUE(logits.size(-1) >= 1, "blt_ext.entropy: logits.size(-1) (vocabulary size V) must be >= 1, ",
-                    "got shape ", shape_str(logits.sizes()));
-}
+void check_logits(const at::Tensor& logits);
 
-inline void check_entropy_patch_starts_args(const at::Tensor& entropies, double threshold,
-                                            std::optional<double> threshold_add) {
-  constexpr const char* op = "entropy_patch_starts";
-  check_dim(entropies, op, "entropies", 2, "[B, T]");
-  check_floating(entropies, op, "entropies");
-  TORCH_CHECK_VALUE(!std::isnan(threshold), "blt_ext.", op, ": threshold must not be NaN, got ", threshold);
-  TORCH_CHECK_VALUE(!threshold_add.has_value() || !std::isnan(*threshold_add), "blt_ext.", op,
-                    ": threshold_add must not be NaN, got ", threshold_add.value_or(0.0));
-}
+void check_entropy_patch_starts_args(const at::Tensor& entropies, double threshold,
+                                     std::optional<double> threshold_add);
 
-inline void check_space_patch_starts_args(const at::Tensor& tokens) {
-  check_dim(tokens, "space_patch_starts", "tokens", 2, "[B, T]");
-  check_dtype(tokens, "space_patch_starts", "tokens", at::kLong);
-}
+void check_space_patch_starts_args(const at::Tensor& tokens);
 
-inline void check_patch_layout_args(const at::Tensor& starts, std::optional<int64_t> max_patch_length) {
-  constexpr const char* op = "patch_layout";
-  check_dim(starts, op, "starts", 2, "[B, T + 1]");
-  check_dtype(starts, op, "starts", at::kBool);
-  TORCH_CHECK_VALUE(starts.size(1) >= 1, "blt_ext.", op,
-                    ": starts.size(1) (T + 1, the bytes and the next byte) must be >= 1, got shape ",
-                    shape_str(starts.sizes()));
-  TORCH_CHECK_VALUE(!max_patch_length.has_value() || *max_patch_length >= 1, "blt_ext.", op,
-                    ": max_patch_length must be >= 1 (or None), got ", max_patch_length.value_or(0));
-}
+void check_patch_layout_args(const at::Tensor& starts, std::optional<int64_t> max_patch_length);
 
 }  // namespace blt_ext::entropy_patch

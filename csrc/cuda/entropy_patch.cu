@@ -160,7 +160,7 @@ constexpr int kElementwiseThreads = 256;
 
 unsigned elementwise_blocks(int64_t n) {
   const int64_t blocks = (n + kElementwiseThreads - 1) / kElementwiseThreads;
-  TORCH_CHECK(blocks <= INT32_MAX, "blt_ext: too many positions for one launch: ", n);
+  TORCH_CHECK(blocks <= INT32_MAX, "blt_ext: too many positions for one launch: ", std::to_string(n));
   return static_cast<unsigned>(blocks);
 }
 
@@ -382,7 +382,7 @@ at::Tensor entropy(const at::Tensor& logits) {
   const bool short_rows = V * static_cast<int64_t>(z.element_size()) <= 1024;
   const int64_t rows_per_block = kEntropyThreads / (short_rows ? 8 : 32);
   const int64_t blocks = (rows + rows_per_block - 1) / rows_per_block;
-  TORCH_CHECK(blocks <= INT32_MAX, "blt_ext.entropy: too many rows for one launch: ", rows);
+  TORCH_CHECK(blocks <= INT32_MAX, "blt_ext.entropy: too many rows for one launch: ", std::to_string(rows));
   const auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "blt_ext.entropy", [&] {
     const auto kernel = short_rows ? entropy_kernel<scalar_t, 8> : entropy_kernel<scalar_t, 32>;
@@ -435,9 +435,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> patch_layout(const at::Tensor& st
   const at::Tensor s = starts.contiguous();
   const int64_t B = s.size(0), T = s.size(1) - 1, L = T + include_next_token;
   TORCH_CHECK_VALUE(T < INT32_MAX - kLayoutTile, "blt_ext.patch_layout: starts.size(1) (T + 1) must be < 2^31 - ",
-                    kLayoutTile, " on CUDA, got ", T + 1);
+                    std::to_string(kLayoutTile), " on CUDA, got ", std::to_string(T + 1));
   TORCH_CHECK_VALUE(B <= INT32_MAX, "blt_ext.patch_layout: starts.size(0) (batch size B) must be < 2^31 on CUDA, got ",
-                    B);
+                    std::to_string(B));
   at::Tensor patch_ids = at::empty({B, T}, s.options().dtype(at::kLong));
   at::Tensor patch_lengths = at::empty({B, T + 1}, s.options().dtype(at::kLong));
   at::Tensor patch_counts = at::empty({B}, s.options().dtype(at::kLong));
@@ -447,7 +447,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> patch_layout(const at::Tensor& st
   const int m = split ? static_cast<int>(*max_patch_length) : 1;
   // An empty sequence still gets one tile: it writes the counts and pads the lengths.
   const int64_t tiles = std::max<int64_t>(1, (L + kLayoutTile - 1) / kLayoutTile);
-  TORCH_CHECK(B * tiles <= INT32_MAX, "blt_ext.patch_layout: too many positions for one launch: ", B * (T + 1));
+  TORCH_CHECK(B * tiles <= INT32_MAX, "blt_ext.patch_layout: too many positions for one launch: ", std::to_string(B * (T + 1)));
   at::Tensor summaries = at::empty({B, tiles, static_cast<int64_t>(sizeof(TileSummary) / sizeof(int))},
                                    s.options().dtype(at::kInt));
   const auto blocks = static_cast<unsigned>(B * tiles);

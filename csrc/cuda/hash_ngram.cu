@@ -346,9 +346,9 @@ void byte_backward(const at::Tensor& grad, const at::Tensor& tokens, at::Tensor&
   // Columns per block: the sums of every byte row for those columns must fit in shared memory.
   const int64_t column_bytes = byte_rows * static_cast<int64_t>(sizeof(acc_t));
   const int64_t max_rows = kByteSharedBytes / static_cast<int64_t>(sizeof(acc_t));
-  TORCH_CHECK_VALUE(byte_rows <= max_rows, "blt_ext.", op, ": byte_rows must be at most ", max_rows,
+  TORCH_CHECK_VALUE(byte_rows <= max_rows, "blt_ext.", op, ": byte_rows must be at most ", std::to_string(max_rows),
                     " on CUDA for ", grad.scalar_type(), " (its gradient sums live in shared memory), got ",
-                    byte_rows);
+                    std::to_string(byte_rows));
   int width = kWarp;
   while (width > 1 && column_bytes * width > kByteSharedBytes) width /= 2;
   const int64_t chunks = std::max<int64_t>(1, ceil_div(positions, kByteChunk));

@@ -39,15 +39,7 @@ struct HashConfig {
   BLT_HASH_HD uint64_t prime(int t) const { return primes[t / num_sizes]; }
 };
 
-inline HashConfig make_hash_config(at::IntArrayRef ngram_sizes, int64_t num_functions, int64_t vocab) {
-  HashConfig config{};
-  config.num_sizes = static_cast<int>(ngram_sizes.size());
-  config.num_tables = static_cast<int>(num_functions) * config.num_sizes;
-  config.vocab = vocab;
-  for (int k = 0; k < config.num_sizes; ++k) config.sizes[k] = static_cast<int>(ngram_sizes[k]);
-  for (int f = 0; f < kNumPrimes; ++f) config.primes[f] = kPrimes[f];
-  return config;
-}
+HashConfig make_hash_config(at::IntArrayRef ngram_sizes, int64_t num_functions, int64_t vocab);
 
 // sum_{i<n} w[i] * p^i over the window w = (x[j-n+1], ..., x[j]) (oldest times p^0), by Horner from
 // the newest byte. back[k] = x[j-k] (0 before the row start). Unsigned, so the products wrap modulo
@@ -73,69 +65,22 @@ BLT_HASH_HD int64_t table_id(const HashConfig& config, const Back& back, int t) 
 
 // ---- argument checks (host); data-dependent checks are the CPU kernels' own ----
 
-inline void check_config(const char* op, at::IntArrayRef ngram_sizes, int64_t num_functions) {
-  TORCH_CHECK_VALUE(!ngram_sizes.empty() && static_cast<int64_t>(ngram_sizes.size()) <= kMaxNgramSizes,
-                    "blt_ext.", op, ": ngram_sizes must have 1 to ", kMaxNgramSizes, " entries, got ",
-                    ngram_sizes);
-  for (const int64_t n : ngram_sizes) {
-    TORCH_CHECK_VALUE(n >= 1 && n <= kMaxNgramSize, "blt_ext.", op, ": ngram_sizes must each be in [1, ",
-                      kMaxNgramSize, "], got ", ngram_sizes);
-  }
-  TORCH_CHECK_VALUE(num_functions >= 1 && num_functions <= kNumPrimes, "blt_ext.", op,
-                    ": num_functions must be in [1, ", kNumPrimes, "], got ", num_functions);
-}
+void check_config(const char* op, at::IntArrayRef ngram_sizes, int64_t num_functions);
 
-inline void check_tokens(const char* op, const at::Tensor& tokens) {
-  check_dim(tokens, op, "tokens", 2, "[B, T]");
-  check_dtype(tokens, op, "tokens", at::kLong);
-}
+void check_tokens(const char* op, const at::Tensor& tokens);
 
 // Rows V of one table in the packed [num_tables * V, D] hash weight.
-inline int64_t table_vocab(const char* op, const char* name, int64_t hash_rows, int64_t num_tables) {
-  TORCH_CHECK_VALUE(hash_rows > 0 && hash_rows % num_tables == 0, "blt_ext.", op, ": ", name,
-                    " must be a positive multiple of the number of tables ",
-                    "num_functions * len(ngram_sizes) = ", num_tables, ", got ", hash_rows);
-  return hash_rows / num_tables;
-}
+int64_t table_vocab(const char* op, const char* name, int64_t hash_rows, int64_t num_tables);
 
-inline HashConfig check_ids_args(const char* op, const at::Tensor& tokens, at::IntArrayRef ngram_sizes,
-                                 int64_t num_functions, int64_t hash_vocab) {
-  check_tokens(op, tokens);
-  check_config(op, ngram_sizes, num_functions);
-  TORCH_CHECK_VALUE(hash_vocab >= 1, "blt_ext.", op, ": hash_vocab must be >= 1, got ", hash_vocab);
-  return make_hash_config(ngram_sizes, num_functions, hash_vocab);
-}
+HashConfig check_ids_args(const char* op, const at::Tensor& tokens, at::IntArrayRef ngram_sizes,
+                          int64_t num_functions, int64_t hash_vocab);
 
-inline HashConfig check_embedding_args(const char* op, const at::Tensor& tokens,
-                                       const at::Tensor& byte_weight, const at::Tensor& hash_weight,
-                                       at::IntArrayRef ngram_sizes, int64_t num_functions) {
-  check_tokens(op, tokens);
-  check_dim(byte_weight, op, "byte_weight", 2, "[byte_rows, D]");
-  check_dim(hash_weight, op, "hash_weight", 2, "[num_tables * V, D]");
-  check_floating(byte_weight, op, "byte_weight");
-  check_same_dtype(byte_weight, hash_weight, op, "byte_weight", "hash_weight");
-  check_size(hash_weight, 1, byte_weight.size(1), op, "hash_weight", "embedding dim D of byte_weight");
-  check_same_device(tokens, byte_weight, op, "tokens", "byte_weight");
-  check_same_device(tokens, hash_weight, op, "tokens", "hash_weight");
-  check_config(op, ngram_sizes, num_functions);
-  const int64_t num_tables = num_functions * static_cast<int64_t>(ngram_sizes.size());
-  const int64_t vocab = table_vocab(op, "hash_weight.size(0)", hash_weight.size(0), num_tables);
-  return make_hash_config(ngram_sizes, num_functions, vocab);
-}
+HashConfig check_embedding_args(const char* op, const at::Tensor& tokens,
+                                const at::Tensor& byte_weight, const at::Tensor& hash_weight,
+                                at::IntArrayRef ngram_sizes, int64_t num_functions);
 
-inline HashConfig check_backward_args(const char* op, const at::Tensor& grad_output, const at::Tensor& tokens,
-                                      int64_t byte_rows, int64_t hash_rows, at::IntArrayRef ngram_sizes,
-                                      int64_t num_functions) {
-  check_tokens(op, tokens);
-  check_dim(grad_output, op, "grad_output", 3, "[B, T, D]");
-  check_floating(grad_output, op, "grad_output");
-  check_size(grad_output, 0, tokens.size(0), op, "grad_output", "batch size B of tokens");
-  check_size(grad_output, 1, tokens.size(1), op, "grad_output", "sequence length T of tokens");
-  check_same_device(grad_output, tokens, op, "grad_output", "tokens");
-  TORCH_CHECK_VALUE(byte_rows >= 1, "blt_ext.", op, ": byte_rows must be >= 1, got ", byte_rows);
-  check_config(op, ngram_sizes, num_functions);
-  const int64_t num_tables = num_functions * static_cast<int64_t>(ngram_sizes.size());
-  return make_hash_config(ngram_sizes, num_functions, table_vocab(op, "hash_rows", hash_rows, num_tables));
-}
+HashConfig check_backward_args(const char* op, const at::Tensor& grad_output, const at::Tensor& tokens,
+                               int64_t byte_rows, int64_t hash_rows, at::IntArrayRef ngram_sizes,
+                               int64_t num_functions);
 
 }  // namespace blt_ext::hash_ngram

@@ -698,7 +698,7 @@ void launch_chunks(Args<scalar_t> a, Launch launch) {
   const int64_t warps = warp_count(a);
   if (warps == 0) return;
   TORCH_CHECK(warps < (int64_t{1} << 31),
-              "blt_ext.patch_cross_attention: B * P * ceil(H / heads per warp) must be below 2^31, got ", warps);
+              "blt_ext.patch_cross_attention: B * P * ceil(H / heads per warp) must be below 2^31, got ", std::to_string(warps));
   const dim3 grid(static_cast<unsigned>((warps + kWarpsPerBlock - 1) / kWarpsPerBlock));
   const dim3 block(kWarp * kWarpsPerBlock);
   const auto stream = c10::cuda::getCurrentCUDAStream();

@@ -52,7 +52,7 @@ Launch make_launch(int64_t B, int64_t P, int64_t chunks) {
   const int64_t bx = std::min<int64_t>(kThreads, std::max<int64_t>(32, (chunks + 31) / 32 * 32));
   const int64_t by = kThreads / bx;
   const int64_t groups = std::max<int64_t>(1, (P + by - 1) / by);
-  TORCH_CHECK(B * groups <= INT32_MAX, "blt_ext.segment_pool: too many (row, patch group) blocks: ", B * groups);
+  TORCH_CHECK(B * groups <= INT32_MAX, "blt_ext.segment_pool: too many (row, patch group) blocks: ", std::to_string(B * groups));
   return {dim3(static_cast<unsigned>(B * groups)), dim3(static_cast<unsigned>(bx), static_cast<unsigned>(by)),
           groups};
 }
@@ -206,7 +206,7 @@ std::tuple<at::Tensor, at::Tensor> segment_pool(const at::Tensor& x, const at::T
   const PoolReduce r = check_segment_pool_args(x, patch_lengths, reduce);
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t B = x.size(0), T = x.size(1), D = x.size(2), P = patch_lengths.size(1);
-  TORCH_CHECK_VALUE(T <= INT32_MAX, "blt_ext.segment_pool: x.size(1) (T) must fit in int32, got ", T);
+  TORCH_CHECK_VALUE(T <= INT32_MAX, "blt_ext.segment_pool: x.size(1) (T) must fit in int32, got ", std::to_string(T));
   auto out = at::empty({B, P, D}, x.options());
   auto arg_index = at::empty(r == PoolReduce::Mean ? std::vector<int64_t>{0} : std::vector<int64_t>{B, P, D},
                              x.options().dtype(at::kInt));
