@@ -56,7 +56,7 @@ from .data import (
     read_documents,
     split_documents,
 )
-from .model import BLTConfig, ByteLatentTransformer, EntropyModel, EntropyModelConfig, preset
+from .model import PRESETS, BLTConfig, ByteLatentTransformer, EntropyModel, EntropyModelConfig, preset
 from .model.loss import LossOutput, next_byte_loss
 from .nn import BACKENDS, backend_ops
 
@@ -73,6 +73,14 @@ DEFAULT_PRESETS = {"entropy": "blt-entropy-tiny", "blt": "blt-tiny"}
 # ---------------------------------------------------------------------------------------------
 # configuration
 # ---------------------------------------------------------------------------------------------
+
+
+class ConfigError(ValueError):
+    """A setting out of its range; ``field`` names it."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
 
 
 @dataclass
@@ -126,11 +134,11 @@ class TrainConfig:
         self.validate()
 
     def validate(self) -> None:
-        """Raise ValueError naming the first setting out of its range."""
+        """Raise :class:`ConfigError` naming the first setting out of its range."""
 
         def need(cond, name, rule):
             if not cond:
-                raise ValueError(f"TrainConfig: {name} must be {rule}, got {getattr(self, name)!r}")
+                raise ConfigError(name, f"TrainConfig: {name} must be {rule}, got {getattr(self, name)!r}")
 
         need(self.task in TASKS, "task", f"one of {TASKS}")
         for name in ("seq_len", "batch_size", "grad_accum", "steps", "eval_batches", "corpus_bytes"):
@@ -150,6 +158,10 @@ class TrainConfig:
         need(self.max_patch_length is None or self.max_patch_length >= 1, "max_patch_length", "None or >= 1")
         need(self.task != "blt" or self.entropy_model is not None, "entropy_model",
              "a directory when task='blt' (the frozen patcher)")
+        if self.preset is not None:
+            kind = EntropyModelConfig if self.task == "entropy" else BLTConfig
+            names = [n for n in PRESETS if isinstance(preset(n), kind)]
+            need(self.preset in names, "preset", f"one of {names} for task {self.task!r}")
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -615,17 +627,10 @@ class Trainer:
         c = self.config
         name = c.preset or DEFAULT_PRESETS[c.task]
         if c.task == "entropy":
-            cfg = EntropyModelConfig(**model_config) if model_config is not None else preset(name)
-            if not isinstance(cfg, EntropyModelConfig):
-                raise ValueError(f"TrainConfig: preset {name!r} is a BLT preset; task 'entropy' needs an entropy "
-                                 "preset (blt-entropy-tiny, blt-entropy-small, blt-entropy)")
-            return EntropyModel(cfg)
+            return EntropyModel(EntropyModelConfig(**model_config) if model_config is not None else preset(name))
         if model_config is not None:
             return ByteLatentTransformer(BLTConfig.from_dict(model_config), backend=c.backend)
         cfg = preset(name)
-        if not isinstance(cfg, BLTConfig):
-            raise ValueError(f"TrainConfig: preset {name!r} is an entropy-model preset; task 'blt' needs a BLT "
-                             "preset (blt-tiny, blt-small, blt-1b)")
         entropy = load_entropy_model(c.entropy_model)
         cfg.entropy_model = entropy.config
         cfg.patching_mode = "entropy"
