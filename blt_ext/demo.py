@@ -26,9 +26,9 @@ from pathlib import Path
 
 import torch
 
-from .calibrate import format_histogram, patch_layout_at, patch_size_histogram
+from .calibrate import format_histogram
 from .model import ByteTokenizer
-from .train import TrainConfig, Trainer, blt_patch_lengths, build_optimizer, compute_entropies, resolve_device
+from .train import TrainConfig, Trainer, blt_patch_lengths, build_optimizer, resolve_device
 
 
 @dataclass(frozen=True)
@@ -36,14 +36,14 @@ class DemoSettings:
     corpus_bytes: int = 3_000_000
     seq_len: int = 256
     batch_size: int = 16
-    entropy_steps: int = 400
+    entropy_steps: int = 500
     entropy_lr: float = 4e-3
-    blt_steps: int = 300
+    blt_steps: int = 500
     blt_lr: float = 3e-3
     eval_every: int = 50
     eval_batches: int = 4
     target_patch_size: float = 4.0
-    sample_bytes: int = 160
+    sample_bytes: int = 128
     prompt_bytes: int = 48
     generate_bytes: int = 96
     timing_steps: int = 5
@@ -147,8 +147,8 @@ def plot_entropies(path: Path, data: bytes, entropies: list[float], lengths: lis
     ax.set_xticklabels([_show(chr(b)) if b < 128 else "·" for b in data], fontsize=6, fontfamily="monospace")
     ax.set_xlim(-1, n)
     ax.set_ylabel("entropy (nats)")
-    ax.set_title(title, fontsize=10)
-    ax.legend(loc="upper right", fontsize=8)
+    ax.set_title(title, fontsize=10, loc="right")
+    ax.legend(loc="lower left", bbox_to_anchor=(0, 1.0), ncol=3, fontsize=8, frameon=False)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -237,19 +237,11 @@ def run_demo(out=None, device: str = "auto", quick: bool = False, progress: bool
                           entropy_model=str(entropy_result.model_dir), target_patch_size=s.target_patch_size,
                           out=str(out / "blt"), **common)
     blt_trainer = Trainer(blt_cfg, progress=progress, verbose=progress)
-    threshold = blt_trainer.threshold
-    n = blt_trainer.train_rows.shape[0]
-    index = torch.arange(0, n, max(1, n // 256))[:256]
-    entropies = compute_entropies(blt_trainer.model.entropy_model, blt_trainer.train_rows[index, :-1],
-                                  s.batch_size)
-    layout = patch_layout_at(entropies, threshold)
-    histogram = patch_size_histogram(layout.patch_lengths)
-    mean_size = entropies.numel() / int(layout.patch_counts.sum())
-    calibration = {"threshold": threshold, "target": s.target_patch_size, "mean_patch_size": mean_size,
-                   "num_bytes": entropies.numel(), "histogram": {str(k): v for k, v in histogram.items()}}
-    _say(f"\n[2/6] Threshold calibration: {threshold:.4f} nats gives a mean patch size of {mean_size:.2f} bytes "
-         f"(target {s.target_patch_size}) on {entropies.numel()} training bytes")
-    _say("\n".join("      " + line for line in format_histogram(histogram, width=30).splitlines()))
+    cal = blt_trainer.calibration
+    threshold = cal.threshold
+    _say(f"\n[2/6] Threshold calibration: {threshold:.4f} nats gives a mean patch size of {cal.mean_patch_size:.2f} "
+         f"bytes (target {cal.target:g}) on {cal.num_bytes} training bytes")
+    _say("\n".join("      " + line for line in format_histogram(cal.histogram, width=30).splitlines()))
 
     _say(f"\n[3/6] BLT (blt-tiny, {_params(blt_trainer.model)} trainable parameters, entropy model frozen): "
          f"{s.blt_steps} steps")
@@ -311,7 +303,7 @@ def run_demo(out=None, device: str = "auto", quick: bool = False, progress: bool
         "blt": {"dir": str(blt_result.model_dir), "evals": [e._asdict() for e in blt_result.evals],
                 "trainable_parameters": _params(blt_trainer.model)},
         "bits_per_byte_table": table,
-        "calibration": calibration,
+        "calibration": cal.to_dict(),
         "sample": {"text": sample.decode("utf-8", errors="replace"), "patch_lengths": lengths,
                    "entropies": sample_entropies, "marked": render_patches(texts, False)},
         "generation": {"prompt": prompt, "continuation": generated.texts[0], "temperature": 0.7, "top_k": 20,

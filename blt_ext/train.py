@@ -562,14 +562,15 @@ class Trainer:
 
     ``callbacks`` are called after every optimizer step with ``(trainer, StepInfo)``; one that
     raises KeyboardInterrupt stops the run as Ctrl-C does. ``progress`` shows the bar,
-    ``verbose`` the messages (evaluations, checkpoints) on stderr. ``model_config`` (a config
-    dict) rebuilds the model of a checkpoint instead of the preset (used by
-    :meth:`from_checkpoint`). Attributes: ``model``, ``optimizer``, ``scheduler``, ``stream``
-    (row indices), ``step``, ``history`` (train losses, learning rates, evaluations).
+    ``verbose`` the messages (evaluations, checkpoints) on stderr. ``checkpoint`` (a state from
+    :func:`load_checkpoint`) continues that run: its model is rebuilt and every state restored
+    (what :meth:`from_checkpoint` does). Attributes: ``model``, ``optimizer``, ``scheduler``,
+    ``stream`` (row indices), ``step``, ``history`` (train losses, learning rates, evaluations),
+    ``calibration`` (BLT: the :class:`~blt_ext.calibrate.Calibration` that chose the threshold).
     """
 
     def __init__(self, config: TrainConfig, *, callbacks: Sequence[Callback] = (), progress: bool = True,
-                 verbose: bool = True, model_config: dict | None = None):
+                 verbose: bool = True, checkpoint: dict | None = None):
         config.validate()
         self.config = c = config
         self.callbacks = list(callbacks)
@@ -580,7 +581,10 @@ class Trainer:
         self._bar: Progress | None = None
         torch.manual_seed(c.seed)
         self._load_data()
-        self.model = self._build_model(model_config).to(self.device)
+        self.model = self._build_model(None if checkpoint is None else checkpoint["model_config"])
+        if checkpoint is not None:  # the entropy cache below needs the trained entropy model
+            self.model.load_state_dict(checkpoint["model"])
+        self.model.to(self.device)
         self.optimizer = build_optimizer(self.model, c.lr, c.weight_decay, c.betas)
         self.scheduler = cosine_schedule(self.optimizer, c.warmup_steps, c.steps, c.min_lr_ratio)
         self.stream = BatchStream(torch.arange(self.train_rows.shape[0]).unsqueeze(1), c.batch_size, c.seed)
@@ -588,11 +592,14 @@ class Trainer:
         self.history: dict[str, list] = {"train_loss": [], "lr": [], "evals": []}
         self._step_start: dict | None = None
         self.entropy_cache: dict[str, torch.Tensor] | None = None
+        self.calibration = None
         if c.task == "blt":
             if c.entropies == "cached":
                 self.entropy_cache = self._entropy_cache()
-            if model_config is None:
+            if checkpoint is None:
                 self._set_threshold()
+        if checkpoint is not None:
+            self.load_state_dict(checkpoint)
 
     # ---- setup --------------------------------------------------------------------------------
     def _log(self, message: str) -> None:
@@ -675,8 +682,8 @@ class Trainer:
             else:
                 entropies = compute_entropies(self.model.entropy_model, self.train_rows[index, :-1], c.batch_size,
                                               c.backend)
-            cal = find_threshold(entropies, c.target_patch_size, max_patch_length=c.max_patch_length,
-                                 backend=c.backend)
+            cal = self.calibration = find_threshold(entropies, c.target_patch_size,
+                                                    max_patch_length=c.max_patch_length, backend=c.backend)
             threshold = cal.threshold
             self._log(f"patching threshold {threshold:.4f} nats: mean patch size {cal.mean_patch_size:.2f} bytes "
                       f"on {entropies.numel()} training bytes (target {c.target_patch_size})")
@@ -799,10 +806,8 @@ class Trainer:
         file = Path(path) / CHECKPOINT_NAME if Path(path).is_dir() else Path(path)
         cfg["out"] = str(file.parent)
         cfg.update(overrides)
-        trainer = cls(TrainConfig.from_dict(cfg), callbacks=callbacks, progress=progress, verbose=verbose,
-                      model_config=state["model_config"])
-        trainer.load_state_dict(state)
-        return trainer
+        return cls(TrainConfig.from_dict(cfg), callbacks=callbacks, progress=progress, verbose=verbose,
+                   checkpoint=state)
 
     def export(self, path=None) -> Path:
         """Write the model in its loadable format (default ``out/model``): an entropy model by

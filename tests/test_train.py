@@ -107,11 +107,13 @@ def _stop_after(k):
     return callback
 
 
-@pytest.mark.parametrize("task", ["entropy", "blt"])
+@pytest.mark.parametrize("task", ["entropy", "blt", "blt-cached"])
 def test_interrupted_and_resumed_run_has_the_losses_of_an_uninterrupted_one(task, corpus, entropy_dir, tmp_path):
     extra = {"grad_accum": 2}
-    if task == "blt":
-        extra.update(task="blt", entropy_model=str(entropy_dir), threshold=2.0)
+    if task.startswith("blt"):
+        extra.update(task="blt", entropy_model=str(entropy_dir), target_patch_size=3.0)
+    if task == "blt-cached":  # the resumed run reads the cache written before the interruption
+        extra.update(entropies="cached")
     full = Trainer(small(corpus, out=str(tmp_path / "full"), **extra), progress=False, verbose=False)
     expected = full.train()
 
@@ -123,6 +125,8 @@ def test_interrupted_and_resumed_run_has_the_losses_of_an_uninterrupted_one(task
     assert info.value.checkpoint == tmp_path / "part" / CHECKPOINT_NAME
     assert load_checkpoint(tmp_path / "part")["step"] == 3
 
+    if task == "blt-cached":  # make the resumed run compute the cache again, from the restored entropy model
+        (next((tmp_path / "part").glob("entropies-*.pt"))).rename(tmp_path / "part" / "entropies-0.pt")
     resumed = Trainer.from_checkpoint(tmp_path / "part", progress=False, verbose=False)
     assert resumed.step == 3
     result = resumed.train()
@@ -170,14 +174,17 @@ def test_crash_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, monke
 
 
 def test_cached_entropies_give_the_patches_and_losses_of_on_the_fly_patching(corpus, entropy_dir, tmp_path):
-    common = dict(task="blt", entropy_model=str(entropy_dir), threshold=2.0, steps=3, eval_every=0)
+    common = dict(task="blt", entropy_model=str(entropy_dir), target_patch_size=3.0, steps=3, eval_every=0)
     fly = Trainer(small(corpus, out=str(tmp_path / "fly"), **common), progress=False, verbose=False)
     cached = Trainer(small(corpus, out=str(tmp_path / "cached"), entropies="cached", **common),
                      progress=False, verbose=False)
     rows = fly.train_rows[:4, :-1]
     ent = cached.entropy_cache["train"][:4]
     torch.testing.assert_close(ent, compute_entropies(fly.model.entropy_model, rows, batch_size=4))
-    assert torch.equal(blt_patch_lengths(fly.model, rows), blt_patch_lengths(cached.model, rows, ent))
+    assert fly.threshold == cached.threshold
+    lengths = blt_patch_lengths(fly.model, rows)
+    assert torch.equal(lengths, blt_patch_lengths(cached.model, rows, ent))
+    assert lengths.max() > 1  # patches of several bytes: the entropies matter
     a, b = fly.train(), cached.train()
     assert a.train_losses == pytest.approx(b.train_losses, rel=1e-5)
     assert len(list((tmp_path / "cached").glob("entropies-*.pt"))) == 1
