@@ -1,4 +1,4 @@
-"""The ``blt-ext`` command line (also ``python -m blt_ext``).
+"""blt-ext, the command line of blt_ext (also: python -m blt_ext).
 
     blt-ext demo        the main job: train a tiny entropy model and a tiny BLT, show patches,
                         plot entropies, generate, time ext vs torch; writes one output folder

@@ -184,3 +184,30 @@ def test_ops_and_env(capsys):
     assert code == 0 and "patch_cross_attention" in out
     code, out, _ = run(capsys, "env")
     assert code == 0 and "built against torch" in out
+
+
+def test_a_real_sigint_saves_a_checkpoint_and_exits_130(corpus, tmp_path):
+    """Ctrl-C sent to a running ``python -m blt_ext train``: checkpoint, message, exit 130."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    import blt_ext
+
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(blt_ext.__file__)))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "blt_ext", "train", "entropy", "--data", str(corpus), "--out", str(tmp_path),
+         "--steps", "100000", "--seq-len", "32", "--batch-size", "2", "--eval-every", "0", "--checkpoint-every", "0"],
+        stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        for line in proc.stderr:  # the bar's first line: training has started
+            if line.startswith("train entropy"):
+                break
+        proc.send_signal(signal.SIGINT)
+        err = proc.stderr.read()
+        assert proc.wait(timeout=60) == 130, err
+    finally:
+        proc.kill()
+    assert "interrupted after step" in err and "Traceback" not in err
+    assert load_checkpoint(tmp_path)["step"] >= 1

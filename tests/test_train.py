@@ -190,6 +190,19 @@ def test_cached_entropies_give_the_patches_and_losses_of_on_the_fly_patching(cor
     assert len(list((tmp_path / "cached").glob("entropies-*.pt"))) == 1
 
 
+def test_bf16_autocast_trains_with_both_backends_alike(corpus, entropy_dir):
+    """precision="bf16" is the CUDA default; on the CPU the same autocast runs the same code."""
+    losses = {}
+    for backend in ("ext", "torch"):
+        trainer = Trainer(small(corpus, task="blt", entropy_model=str(entropy_dir), target_patch_size=3.0, steps=3,
+                                eval_every=0, precision="bf16", backend=backend), progress=False, verbose=False)
+        assert trainer.amp_dtype == torch.bfloat16
+        result = trainer.train()
+        losses[backend] = result.train_losses + [result.evals[-1].loss]
+        assert all(p.dtype == torch.float32 for p in trainer.model.parameters())  # autocast, not a cast
+    assert losses["ext"] == pytest.approx(losses["torch"], rel=2e-3)
+
+
 def test_blt_threshold_is_calibrated_to_the_target_patch_size(corpus, entropy_dir):
     trainer = Trainer(small(corpus, task="blt", entropy_model=str(entropy_dir), target_patch_size=3.0),
                       progress=False, verbose=False)
