@@ -241,6 +241,8 @@ def cmd_train(args):
     if args.resume is not None:
         if args.task is not None:
             raise CLIError("task", "leave it out with --resume (the checkpoint's task is used)")
+        if args.out is not None:
+            raise CLIError("--out", "cannot be changed when resuming (the run continues in its directory)")
         fixed = sorted(set(given) - _RESUME_FIELDS)
         if fixed:
             raise CLIError(_option(_TRAIN_FIELDS[fixed[0]]),

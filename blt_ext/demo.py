@@ -90,7 +90,7 @@ def time_backends(trainer: Trainer, steps: int) -> list[dict]:
     losses = {}
 
     def train_step():
-        with trainer._autocast():
+        with trainer.autocast():
             out = model.loss(rows, None, lengths)
         out.loss.backward()
         optimizer.step()
@@ -98,7 +98,7 @@ def time_backends(trainer: Trainer, steps: int) -> list[dict]:
 
     @torch.no_grad()
     def forward():
-        with trainer._autocast():
+        with trainer.autocast():
             model(inputs, lengths)
 
     @torch.no_grad()
@@ -107,7 +107,7 @@ def time_backends(trainer: Trainer, steps: int) -> list[dict]:
 
     for backend in ("ext", "torch"):  # before the timed steps change the weights
         model.backend = backend
-        with torch.no_grad(), trainer._autocast():
+        with torch.no_grad(), trainer.autocast():
             losses[backend] = float(model.loss(rows, None, lengths).loss)
     results = {}
     for backend in ("ext", "torch"):
@@ -236,7 +236,7 @@ def run_demo(out=None, device: str = "auto", quick: bool = False, progress: bool
     blt_cfg = TrainConfig(task="blt", steps=s.blt_steps, lr=s.blt_lr, warmup_steps=max(1, s.blt_steps // 20),
                           entropy_model=str(entropy_result.model_dir), target_patch_size=s.target_patch_size,
                           out=str(out / "blt"), **common)
-    blt_trainer = Trainer(blt_cfg, progress=progress, verbose=progress)
+    blt_trainer = Trainer(blt_cfg, progress=progress)
     cal = blt_trainer.calibration
     threshold = cal.threshold
     _say(f"\n[2/6] Threshold calibration: {threshold:.4f} nats gives a mean patch size of {cal.mean_patch_size:.2f} "

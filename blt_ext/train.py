@@ -281,7 +281,7 @@ def load_checkpoint(path, map_location="cpu") -> dict:
         path = path / CHECKPOINT_NAME
     if not path.is_file():
         raise FileNotFoundError(f"no training checkpoint at {path}")
-    state = torch.load(path, map_location=map_location, weights_only=False)
+    state = torch.load(path, map_location=map_location, weights_only=True)
     if not isinstance(state, dict) or state.get("format") != "blt_ext.train/1":
         raise ValueError(f"{path}: not a blt_ext training checkpoint")
     return state
@@ -695,7 +695,8 @@ class Trainer:
         return self.model.patcher.threshold if self.config.task == "blt" else None
 
     # ---- steps --------------------------------------------------------------------------------
-    def _autocast(self):
+    def autocast(self):
+        """The autocast context of the run's precision (a no-op in fp32)."""
         if self.amp_dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
@@ -704,12 +705,12 @@ class Trainer:
         """Next-byte loss of rows ``index`` of ``split`` ("train" or "held_out")."""
         rows = (self.train_rows if split == "train" else self.held_rows)[index].to(self.device)
         if self.config.task == "entropy":
-            with self._autocast():
+            with self.autocast():
                 return next_byte_loss(self.model(rows[:, :-1]), rows[:, 1:])
         entropies = None if self.entropy_cache is None else self.entropy_cache[split][index].to(self.device)
         # patching stays in fp32, outside autocast: the same patches whether cached or not
         lengths = blt_patch_lengths(self.model, rows[:, :-1], entropies)
-        with self._autocast():
+        with self.autocast():
             return self.model.loss(rows, None, lengths)
 
     def train_step(self) -> StepInfo:

@@ -57,6 +57,10 @@ def test_train_entropy_then_resume_longer(capsys, corpus, tmp_path):
     assert code == 0, err
     assert "entropy: 3 steps, held-out" in out and str(tmp_path / "model") in out
     assert (tmp_path / "checkpoint.pt").is_file() and (tmp_path / "model" / "model.safetensors").is_file()
+    code, _, err = run(capsys, "train", "--resume", tmp_path, "--lr", 1)
+    assert code == 2 and "argument --lr: cannot be changed when resuming" in err
+    code, _, err = run(capsys, "train", "--resume", tmp_path, "--out", tmp_path / "elsewhere")
+    assert code == 2 and "argument --out: cannot be changed when resuming" in err
     code, out, err = run(capsys, "train", "--resume", tmp_path, "--steps", 5, "--no-progress")
     assert code == 0, err
     assert "entropy: 5 steps" in out
