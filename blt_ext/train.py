@@ -23,6 +23,16 @@ Example::
     Trainer(TrainConfig(task="entropy", steps=100, out="out/entropy")).train()
     Trainer(TrainConfig(task="blt", steps=100, entropy_model="out/entropy/model", out="out/blt")).train()
     Trainer.from_checkpoint("out/blt").train()      # resume (or no-op when it is finished)
+
+The same pieces in a loop of your own (``tokens`` [B, T + 1] rows of byte ids)::
+
+    model = ByteLatentTransformer(config)            # config.entropy_model: a trained patcher
+    opt = build_optimizer(model, lr=3e-3)
+    sched = cosine_schedule(opt, warmup_steps=100, total_steps=10_000)
+    for tokens in loader:
+        lengths = blt_patch_lengths(model, tokens[:, :-1])   # frozen entropy model, no grad
+        model.loss(tokens, None, lengths).loss.backward()
+        opt.step(); sched.step(); opt.zero_grad()
 """
 
 from __future__ import annotations
