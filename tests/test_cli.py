@@ -188,6 +188,8 @@ def test_ops_and_env(capsys):
     assert code == 0 and "patch_cross_attention" in out
     code, out, _ = run(capsys, "env")
     assert code == 0 and "built against torch" in out
+    code, out, _ = run(capsys, "ops", "--check", "--reps", 1, "--device", "cpu")
+    assert code == 0 and out.count(" yes ") == 4 and "speedup" in out
 
 
 def test_a_real_sigint_saves_a_checkpoint_and_exits_130(corpus, tmp_path):
