@@ -12,6 +12,7 @@
 // Token values are not checked on CUDA (that would need a host synchronisation): tokens outside
 // [0, byte_rows) are hashed as they are and their byte row is left out, forward and backward.
 #include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/sort.h>
@@ -47,17 +48,6 @@ constexpr int64_t kByteChunk = 2048;  // positions per block of the byte-table g
 constexpr int kByteUnroll = 32;       // positions loaded ahead by each thread there
 constexpr int64_t kByteSharedBytes = 48 * 1024;
 
-template <typename scalar_t>
-struct AccType {
-  using type = float;
-};
-template <>
-struct AccType<double> {
-  using type = double;
-};
-template <typename scalar_t>
-using acc_type = typename AccType<scalar_t>::type;
-
 // kElems consecutive elements, loaded and stored as one access (16 bytes on the vector path).
 template <typename scalar_t, int kElems>
 struct alignas(sizeof(scalar_t) * kElems) Pack {
@@ -84,15 +74,15 @@ __device__ __forceinline__ int64_t lane_table_id(const HashConfig& config, const
 }
 
 template <typename scalar_t, int kElems>
-__device__ __forceinline__ void accumulate(acc_type<scalar_t> (&acc)[kElems],
+__device__ __forceinline__ void accumulate(at::opmath_type<scalar_t> (&acc)[kElems],
                                            const scalar_t* __restrict__ src) {
   const Pack<scalar_t, kElems> p = *reinterpret_cast<const Pack<scalar_t, kElems>*>(src);
 #pragma unroll
-  for (int e = 0; e < kElems; ++e) acc[e] += static_cast<acc_type<scalar_t>>(p.v[e]);
+  for (int e = 0; e < kElems; ++e) acc[e] += static_cast<at::opmath_type<scalar_t>>(p.v[e]);
 }
 
 template <typename scalar_t, int kElems>
-__device__ __forceinline__ void store(scalar_t* __restrict__ dst, const acc_type<scalar_t> (&acc)[kElems]) {
+__device__ __forceinline__ void store(scalar_t* __restrict__ dst, const at::opmath_type<scalar_t> (&acc)[kElems]) {
   Pack<scalar_t, kElems> p;
 #pragma unroll
   for (int e = 0; e < kElems; ++e) p.v[e] = static_cast<scalar_t>(acc[e]);
@@ -106,7 +96,7 @@ __global__ void __launch_bounds__(kBlockThreads)
                              const scalar_t* __restrict__ hash_weight, scalar_t* __restrict__ out,
                              int64_t positions, int64_t seq, int64_t dim, int64_t byte_rows,
                              HashConfig config) {
-  using acc_t = acc_type<scalar_t>;
+  using acc_t = at::opmath_type<scalar_t>;
   const int64_t pos = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / kWarp;
   const int lane = threadIdx.x % kWarp;
   if (pos >= positions) return;  // the whole warp
@@ -156,9 +146,9 @@ __global__ void ids_kernel(const int64_t* __restrict__ tokens, int64_t* __restri
 template <typename scalar_t>
 __global__ void byte_grad_partial_kernel(const scalar_t* __restrict__ grad,
                                          const int64_t* __restrict__ tokens,
-                                         acc_type<scalar_t>* __restrict__ partial, int64_t positions,
+                                         at::opmath_type<scalar_t>* __restrict__ partial, int64_t positions,
                                          int64_t dim, int64_t byte_rows) {
-  using acc_t = acc_type<scalar_t>;
+  using acc_t = at::opmath_type<scalar_t>;
   extern __shared__ __align__(16) unsigned char shared_bytes[];
   acc_t* sums = reinterpret_cast<acc_t*>(shared_bytes);  // [byte_rows][blockDim.x]
   const int width = blockDim.x;
@@ -189,11 +179,11 @@ __global__ void byte_grad_partial_kernel(const scalar_t* __restrict__ grad,
 
 // Byte table, step 2: grad_byte = the chunks' sums, added in chunk order.
 template <typename scalar_t>
-__global__ void byte_grad_finish_kernel(const acc_type<scalar_t>* __restrict__ partial,
+__global__ void byte_grad_finish_kernel(const at::opmath_type<scalar_t>* __restrict__ partial,
                                         scalar_t* __restrict__ grad_byte, int64_t chunks, int64_t numel) {
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= numel) return;
-  acc_type<scalar_t> sum = 0;
+  at::opmath_type<scalar_t> sum = 0;
   for (int64_t c = 0; c < chunks; ++c) sum += partial[c * numel + i];
   grad_byte[i] = static_cast<scalar_t>(sum);
 }
@@ -280,7 +270,7 @@ __global__ void __launch_bounds__(kBlockThreads)
     hash_grad_segment_kernel(const scalar_t* __restrict__ grad, const int64_t* __restrict__ sorted_rows,
                              const int64_t* __restrict__ entries, scalar_t* __restrict__ grad_hash,
                              int64_t num_entries, int num_tables, int64_t dim) {
-  using acc_t = acc_type<scalar_t>;
+  using acc_t = at::opmath_type<scalar_t>;
   const int64_t first = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / kWarp;
   const int lane = threadIdx.x % kWarp;
   if (first >= num_entries) return;
@@ -338,7 +328,7 @@ void launch_ids(const at::Tensor& tokens, at::Tensor& ids, const HashConfig& con
 
 template <typename scalar_t>
 void byte_backward(const at::Tensor& grad, const at::Tensor& tokens, at::Tensor& grad_byte, const char* op) {
-  using acc_t = acc_type<scalar_t>;
+  using acc_t = at::opmath_type<scalar_t>;
   const int64_t positions = tokens.numel();
   const int64_t byte_rows = grad_byte.size(0);
   const int64_t dim = grad_byte.size(1);

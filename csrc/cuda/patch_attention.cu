@@ -24,6 +24,7 @@
 // chunks of slots that combine their results in the outputs (a log-sum-exp merge for the
 // decoder forward, sums for the gradients), in a fixed order.
 #include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/cumsum.h>
 #include <ATen/ops/empty.h>
@@ -53,18 +54,9 @@ constexpr int kElems = 8;     // head-dim elements per lane
 constexpr int kMaxChunk = 4;  // slot rows held in registers
 constexpr unsigned kFullMask = 0xffffffffu;
 
-template <typename T>
-struct AccType {
-  using type = float;
-};
-template <>
-struct AccType<double> {
-  using type = double;
-};
-
 template <typename scalar_t>
 struct Args {
-  using acc_t = typename AccType<scalar_t>::type;
+  using acc_t = at::opmath_type<scalar_t>;
   const scalar_t* q;
   const scalar_t* k;
   const scalar_t* v;
@@ -265,7 +257,7 @@ __device__ __forceinline__ ByteRange decoder_range(const Args<scalar_t>& a, int6
 // 1-8 byte patch takes one or two steps).
 template <typename scalar_t, int C>
 __global__ void __launch_bounds__(kWarp* kWarpsPerBlock) encoder_forward_kernel(const Args<scalar_t> a) {
-  using acc_t = typename AccType<scalar_t>::type;
+  using acc_t = at::opmath_type<scalar_t>;
   constexpr int U = C <= 2 ? 4 : 2;
   Lane l;
   if (!make_lane(a, l)) return;
@@ -365,7 +357,7 @@ __global__ void __launch_bounds__(kWarp* kWarpsPerBlock) encoder_forward_kernel(
 // U bytes a step with their loads in flight together.
 template <typename scalar_t, int C>
 __global__ void __launch_bounds__(kWarp* kWarpsPerBlock) encoder_backward_kernel(const Args<scalar_t> a) {
-  using acc_t = typename AccType<scalar_t>::type;
+  using acc_t = at::opmath_type<scalar_t>;
   constexpr int U = C <= 2 ? 2 : 1;
   Lane l;
   if (!make_lane(a, l)) return;
@@ -465,7 +457,7 @@ __global__ void __launch_bounds__(kWarp* kWarpsPerBlock) encoder_backward_kernel
 // their q loads in flight together; the slot rows stay in registers.
 template <typename scalar_t, int C>
 __global__ void __launch_bounds__(kWarp* kWarpsPerBlock) decoder_forward_kernel(const Args<scalar_t> a) {
-  using acc_t = typename AccType<scalar_t>::type;
+  using acc_t = at::opmath_type<scalar_t>;
   constexpr int U = 4;
   Lane l;
   if (!make_lane(a, l)) return;
@@ -559,7 +551,7 @@ __global__ void __launch_bounds__(kWarp* kWarpsPerBlock) decoder_forward_kernel(
 // rounded output O: a slot's dk and dv add up the bytes of a whole (possibly long) patch.
 template <typename scalar_t, int C>
 __global__ void __launch_bounds__(kWarp* kWarpsPerBlock) decoder_backward_kernel(const Args<scalar_t> a) {
-  using acc_t = typename AccType<scalar_t>::type;
+  using acc_t = at::opmath_type<scalar_t>;
   constexpr int U = C <= 2 ? 2 : 1;
   Lane l;
   if (!make_lane(a, l)) return;
@@ -729,7 +721,7 @@ std::tuple<at::Tensor, at::Tensor> patch_cross_attention(const at::Tensor& q, co
   auto out = at::empty_like(q);
   auto lse = at::empty({s.batch, s.heads, s.queries}, q.options().dtype(patch_attention::lse_dtype(q)));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "patch_cross_attention", [&] {
-    using acc_t = typename AccType<scalar_t>::type;
+    using acc_t = at::opmath_type<scalar_t>;
     auto a = make_args<scalar_t>(s, lengths, ends, scale);
     a.q = q.const_data_ptr<scalar_t>();
     a.k = k.const_data_ptr<scalar_t>();
@@ -764,7 +756,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> patch_cross_attention_backward(
   auto dk = at::empty_like(k);
   auto dv = at::empty_like(v);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "patch_cross_attention_backward", [&] {
-    using acc_t = typename AccType<scalar_t>::type;
+    using acc_t = at::opmath_type<scalar_t>;
     auto a = make_args<scalar_t>(s, lengths, ends, scale);
     a.q = q.const_data_ptr<scalar_t>();
     a.k = k.const_data_ptr<scalar_t>();

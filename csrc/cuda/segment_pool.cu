@@ -8,6 +8,7 @@
 // of bounds; the backward zero-fills bytes after the last patch, while bytes left in a hole between
 // patches by such lengths get an unspecified gradient.
 #include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/cumsum.h>
 #include <ATen/ops/empty.h>
@@ -25,15 +26,6 @@
 
 namespace blt_ext::cuda {
 namespace {
-
-template <typename T>
-struct AccType {
-  using type = float;
-};
-template <>
-struct AccType<double> {
-  using type = double;
-};
 
 template <typename T, int N>
 struct alignas(sizeof(T) * N) Vec {
@@ -75,7 +67,7 @@ __global__ void segment_pool_kernel(const scalar_t* __restrict__ x, const int64_
                                     const int64_t* __restrict__ ends, scalar_t* __restrict__ out,
                                     int32_t* __restrict__ arg_index, int64_t P, int64_t T, int64_t D,
                                     int64_t groups) {
-  using acc_t = typename AccType<scalar_t>::type;
+  using acc_t = at::opmath_type<scalar_t>;
   using V = Vec<scalar_t, VEC>;
   const int64_t b = blockIdx.x / groups;
   const int64_t p = (blockIdx.x % groups) * blockDim.y + threadIdx.y;
@@ -144,7 +136,7 @@ __global__ void segment_pool_backward_kernel(const scalar_t* __restrict__ grad_o
                                              const int64_t* __restrict__ lengths, const int64_t* __restrict__ ends,
                                              scalar_t* __restrict__ grad_x, int64_t P, int64_t T, int64_t D,
                                              int64_t groups) {
-  using acc_t = typename AccType<scalar_t>::type;
+  using acc_t = at::opmath_type<scalar_t>;
   using V = Vec<scalar_t, VEC>;
   using IV = Vec<int32_t, VEC>;
   const int64_t b = blockIdx.x / groups;
