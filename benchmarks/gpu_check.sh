@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# One call on a GPU machine: build with CUDA for sm_90, run the CUDA tests, run the GPU benchmarks
+# One call on a GPU machine: build with CUDA for sm_90, raise one argument error per op on each
+# device in a subprocess (tools/error_path_check.py), run the CUDA tests, run the GPU benchmarks
 # (one op family at a time, so a time limit loses at most one table), run compute-sanitizer
 # (memcheck, racecheck) over small cases of every kernel, and print a short summary last.
-# Usage: benchmarks/gpu_check.sh LOGDIR [benchmark files...]   (LOGDIR receives at most 7 files)
+# Usage: benchmarks/gpu_check.sh LOGDIR [benchmark files...]   (LOGDIR receives at most 8 files)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 LOG=${1:?usage: benchmarks/gpu_check.sh LOGDIR [benchmark files...]}
@@ -25,6 +26,7 @@ step build 300 tools/setup_env.sh || { tail -40 "$LOG/build.log"; exit 1; }
 PY=$(tail -n 1 "$LOG/build.log")
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader >>"$LOG/env.log" 2>&1
 step env 60 "$PY" -m blt_ext env
+step error-paths 120 "$PY" tools/error_path_check.py
 step cuda-tests 240 "$PY" -m pytest tests -m cuda -q --tb=short --maxfail=20 -rs -p no:cacheprovider
 for file in "${BENCH_FILES[@]}"; do
   BLT_BENCH_DEVICE=cuda step bench 200 "$PY" benchmarks/run.py --record "$LOG/table.tmp" "$file" &&
