@@ -27,7 +27,9 @@ PY=$(tail -n 1 "$LOG/build.log")
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader >>"$LOG/env.log" 2>&1
 step env 60 "$PY" -m blt_ext env
 step error-paths 120 "$PY" tools/error_path_check.py
-step cuda-tests 240 "$PY" -m pytest tests -m cuda -q --tb=short --maxfail=20 -rs -p no:cacheprovider
+# two pytest-xdist workers where available: a crashing test then takes down one worker, not the run
+XDIST=$("$PY" -c "import xdist" 2>/dev/null && echo "-n 2")
+step cuda-tests 240 "$PY" -m pytest tests -m cuda -q --tb=short --maxfail=20 -rs -p no:cacheprovider $XDIST
 for file in "${BENCH_FILES[@]}"; do
   BLT_BENCH_DEVICE=cuda step bench 200 "$PY" benchmarks/run.py --record "$LOG/table.tmp" "$file" &&
     cat "$LOG/table.tmp" >>"$LOG/gpu-ops.md" && echo >>"$LOG/gpu-ops.md"
