@@ -11,9 +11,9 @@ no entropy model runs and the timings compare the byte/patch model alone.
 both models stay resident through the run, so the absolute peak would not tell providers apart);
 ``resident_mb`` is that baseline.
 
-Before anything is timed, the fixture checks that the three providers produce the same logits
-(fp32: to the parity tests' 1e-4; bf16: relative norm of the difference <= BLT_BENCH_MODEL_RTOL,
-default 0.05), so that no wrong model is ever timed.
+Before anything is timed, the fixture checks that the three providers produce the same logits,
+in fp32 (relative norm of the difference <= 1e-4) and, after the cast, in bf16 (a loose bound),
+so that no wrong model is ever timed; ``rel_diff_vs_transformers_<dtype>`` records them.
 """
 
 import os
@@ -33,7 +33,8 @@ if ON_CUDA:
 else:
     PRESET, DTYPE, BATCH, SEQ = "blt-tiny", torch.float32, 1, 512
 PROVIDERS = ("ext", "torch", "transformers")
-DTYPE_NAME = {torch.bfloat16: "bf16", torch.float32: "fp32"}[DTYPE]
+DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float32: "fp32"}
+DTYPE_NAME = DTYPE_NAMES[DTYPE]
 
 
 def transformers_patch_lengths(patch_lengths):
@@ -48,8 +49,8 @@ def transformers_patch_lengths(patch_lengths):
     return patch_lengths.scatter_add(1, last, torch.full_like(last, -1))
 
 
-def build_models(preset_name=PRESET, dtype=DTYPE, device=DEVICE, seed=0):
-    """(ours, hf): ours with random weights (the original's init), hf holding the same tensors' values.
+def build_models(preset_name=PRESET, device=DEVICE, seed=0):
+    """(ours, hf) in fp32: ours with random weights (the original's init), hf holding the same values.
 
     Built directly on ``device`` so that the 1B model's ~4.5e9 parameters (3.07e9 in the six hash
     tables) are initialised there, not on the host. transformers >= 5.24 applies the 512-byte
@@ -63,8 +64,8 @@ def build_models(preset_name=PRESET, dtype=DTYPE, device=DEVICE, seed=0):
     config.local_attention_window_len = HF_LOCAL_WINDOW
     torch.manual_seed(seed)
     with torch.device(device):
-        ours = ByteLatentTransformer(config, backend="ext").to(dtype).eval()
-        hf = BltForCausalLM(BltConfig(**config_to_transformers(config, dtype))).to(dtype).eval()
+        ours = ByteLatentTransformer(config, backend="ext").eval()
+        hf = BltForCausalLM(BltConfig(**config_to_transformers(config))).eval()
     missing, unexpected = hf.load_state_dict(state_dict_to_transformers(ours), strict=False)
     # transformers keeps RoPE inverse frequencies as buffers; they are derived, not weights.
     assert not unexpected and all(k.endswith("inv_freq") for k in missing), (missing, unexpected)
@@ -101,25 +102,51 @@ def make_forward(provider, ours, hf):
     return lambda x, pl, hf_pl: ours(x, pl)
 
 
-def check_agreement(logits, dtype=DTYPE):
-    """Every provider's logits against transformers': tight in fp32, relative norm in bf16."""
+def check_agreement(logits, dtype):
+    """Each provider's relative norm of its logits' difference from transformers', bounded.
+
+    fp32: <= BLT_BENCH_MODEL_RTOL_FP32 (default 1e-4; blt-tiny on the CPU gives ~3e-7, scaling one
+    weight matrix by 1.01 ~3e-3). bf16: <= BLT_BENCH_MODEL_RTOL_BF16 (default 0.25): bf16 rounding differs between the
+    implementations in each of the ~35 layers (blt-small at T=2048 already gives 0.04), so this
+    only catches a grossly wrong model (other patches give differences of order 1); the fp32
+    check on the same weights, before the cast, is the real one.
+    """
     expected = logits["transformers"].float()
-    for provider, actual in logits.items():
-        if dtype == torch.float32:
-            torch.testing.assert_close(actual.float(), expected, atol=1e-4, rtol=0, msg=lambda m: f"{provider}: {m}")
-        else:
-            rtol = float(os.environ.get("BLT_BENCH_MODEL_RTOL", "0.05"))
-            rel = ((actual.float() - expected).norm() / expected.norm()).item()
-            assert rel <= rtol, f"{provider} logits differ from transformers': relative norm {rel:.3g} > {rtol}"
+    rel = {p: ((a.float() - expected).norm() / expected.norm()).item() for p, a in logits.items()}
+    name = DTYPE_NAMES[dtype]
+    bound = float(os.environ.get(f"BLT_BENCH_MODEL_RTOL_{name.upper()}", {"fp32": "1e-4", "bf16": "0.25"}[name]))
+    for provider, value in rel.items():
+        assert value <= bound, \
+            f"{provider} logits differ from transformers' ({dtype}): relative norm {value:.3g} > {bound}"
+    return rel
+
+
+def prepared_models():
+    """(ours, hf, inputs, relative differences by dtype name): checked in fp32, then cast to DTYPE.
+
+    On CUDA the fp32 check holds both fp32 copies of blt-1b (2 x 18.5 GB) for a moment.
+    """
+    ours, hf = build_models()
+    inputs = model_inputs()
+    rel = {}
+    for dtype in dict.fromkeys((torch.float32, DTYPE)):
+        ours.to(dtype)
+        hf.to(dtype)
+        with torch.no_grad():
+            logits = {p: make_forward(p, ours, hf)(inputs[0], *inputs[2:]) for p in PROVIDERS}
+        rel[DTYPE_NAMES[dtype]] = check_agreement(logits, dtype)
+    ours.backend = "ext"
+    if ON_CUDA:
+        torch.cuda.empty_cache()
+    return ours, hf, inputs, rel
 
 
 @pytest.fixture(scope="module")
 def setup():
     ours, hf = build_models()
     inputs = model_inputs()
-    with torch.no_grad():
-        check_agreement({p: make_forward(p, ours, hf)(inputs[0], *inputs[2:]) for p in PROVIDERS})
-    yield ours, hf, inputs
+    ours, hf, inputs, rel = prepared_models()
+    yield ours, hf, inputs, rel
     ours.backend = "ext"
 
 
@@ -134,7 +161,7 @@ def step(forward, models, x, targets, pl, hf_pl):
 @pytest.mark.parametrize("provider", PROVIDERS)
 @pytest.mark.parametrize("backward", [False, True], ids=["fwd", "fwd+bwd"])
 def test_model(benchmark, setup, backward, provider):
-    ours, hf, (x, targets, pl, hf_pl) = setup
+    ours, hf, (x, targets, pl, hf_pl), rel = setup
     forward = make_forward(provider, ours, hf)
     model = hf if provider == "transformers" else ours
     if backward:
@@ -162,6 +189,8 @@ def test_model(benchmark, setup, backward, provider):
     median_ms = benchmark.extra_info.get("median_ms") or benchmark.stats.stats.median * 1e3
     benchmark.extra_info["bytes_per_s"] = BATCH * SEQ / (median_ms / 1e3)
     benchmark.extra_info["patches"] = int((pl > 0).sum())
+    for name, values in rel.items():
+        benchmark.extra_info[f"rel_diff_vs_transformers_{name}"] = values[provider]
     if provider == "transformers":
         benchmark.extra_info["attn_implementation"] = hf.config._attn_implementation
     if ON_CUDA:
