@@ -75,7 +75,7 @@ def load_rows(json_path):
         median_ms = extra.get("median_ms")
         if median_ms is None:
             median_ms = bench["stats"]["median"] * 1e3
-        rows[bench["group"]][extra["provider"]] = (median_ms, extra.get("bytes_moved"))
+        rows[bench["group"]][extra["provider"]] = (median_ms, extra.get("bytes_moved"), extra)
     return rows
 
 
@@ -89,6 +89,12 @@ def table(rows, copy_gbs=None):
     head = ["workload"] + providers + [f"{p}/ext" for p in providers if p != "ext"] + ["ext GB/s"]
     if copy_gbs:
         head.append("% of copy BW")
+    # Whole-model rows carry no bytes_moved but their throughput and memory in extra_info.
+    has = {key: any(key in v[2] for r in rows.values() for v in r.values()) for key in ("bytes_per_s", "peak_mem_mb")}
+    if has["bytes_per_s"]:
+        head.append("ext bytes/s")
+    if has["peak_mem_mb"]:
+        head.append("peak MB (" + " / ".join(providers) + ")")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for group in sorted(rows):
         r = rows[group]
@@ -102,6 +108,12 @@ def table(rows, copy_gbs=None):
         cells.append(f"{gbs:.1f}" if gbs else "–")
         if copy_gbs:
             cells.append(f"{100 * gbs / copy_gbs:.0f}%" if gbs else "–")
+        if has["bytes_per_s"]:
+            rate = ext[2].get("bytes_per_s") if ext else None
+            cells.append(f"{rate:.3g}" if rate else "–")
+        if has["peak_mem_mb"]:
+            peaks = [r[p][2].get("peak_mem_mb") if p in r else None for p in providers]
+            cells.append(" / ".join(f"{m:.0f}" if m is not None else "–" for m in peaks))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
