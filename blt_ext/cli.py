@@ -35,6 +35,7 @@ OPS = [
     "entropy_patch_starts",
     "space_patch_starts",
     "patch_layout",
+    "entropy_patch",
     "segment_pool",
     "segment_pool_backward",
     "patch_cross_attention",

@@ -31,6 +31,10 @@ TORCH_LIBRARY(blt_ext, m) {
   m.def(
       "patch_layout(Tensor starts, bool include_next_token, int? max_patch_length) -> (Tensor, Tensor, "
       "Tensor)");
+  // logits [B, T, V] -> patch_layout(entropy_patch_starts(entropy(logits), ...), ...), one op.
+  m.def(
+      "entropy_patch(Tensor logits, float threshold, float? threshold_add, bool monotonicity, "
+      "bool include_next_token, int? max_patch_length) -> (Tensor, Tensor, Tensor)");
 
   // x [B, T, D] pooled per patch (max | mean | min) -> (out [B, P, D], arg_index [B, P, D] int32 or [0]).
   m.def("segment_pool(Tensor x, Tensor patch_lengths, str reduce) -> (Tensor, Tensor)");

@@ -346,6 +346,65 @@ def test_entropy_patch_matches_reference(device, generator, mode, dtype):
     assert (counts > 2).all() and (counts < 201).all()  # a real mix of patch sizes
 
 
+def tied_logits(batch, num_bytes, dtype, device, generator):
+    """Logits [B, T, 260] where every third position repeats the logits of the one before (equal
+    entropies, so differences of exactly 0) and one row is uniform (every entropy log 260)."""
+    logits = random_logits(batch, num_bytes, dtype=torch.float64, generator=generator)
+    logits[:, 2::3] = logits[:, 1:num_bytes - 1:3]
+    logits[-1] = 0.5
+    return logits.to(device=device, dtype=dtype)
+
+
+def tie_threshold(entropies):
+    """A threshold equal to an entropy of the first (random) row, exactly: ties at the threshold."""
+    num_bytes = entropies.shape[1]
+    return float(entropies[0, num_bytes // 2]) if num_bytes else RELEASED_THRESHOLD
+
+
+def fused_mode_kwargs(mode, entropies):
+    # thresholds that the entropies (global, threshold_add) and their differences (0: repeated
+    # positions; monotonicity, threshold_add) meet exactly
+    if mode == "global":
+        return dict(threshold=tie_threshold(entropies))
+    if mode == "monotonicity":
+        return dict(threshold=0.0, monotonicity=True)
+    return dict(threshold=tie_threshold(entropies), threshold_add=0.0)
+
+
+@pytest.mark.parametrize("mode", ["global", "monotonicity", "threshold_add"])
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("include_next_token", [True, False])
+def test_fused_entropy_patch_equals_composition(device, generator, mode, dtype, include_next_token):
+    # 5000 bytes span several tiles of the CUDA layout, which decides starts from the entropies.
+    for num_bytes in (0, 1, 2, 5000):
+        logits = tied_logits(2, num_bytes, dtype, device, generator)
+        entropies = ops.entropy(logits)
+        kwargs = dict(fused_mode_kwargs(mode, entropies), include_next_token=include_next_token)
+        starts = ref.entropy_patch_starts(entropies, **kwargs)
+        for max_patch_length in (None, 1, 7, 10**6):
+            poison_allocator(device, (2, num_bytes), (2, num_bytes + 1), (2,))
+            got = ops.entropy_patch(logits, max_patch_length=max_patch_length, **kwargs)
+            assert isinstance(got, ref.PatchLayout)
+            expected = ref.patch_layout(starts, include_next_token, max_patch_length)
+            assert_layout_equal(got, expected)
+            composed = ops.patch_layout(
+                ops.entropy_patch_starts(entropies, **kwargs), include_next_token, max_patch_length
+            )
+            assert_layout_equal(got, composed)
+    if mode == "global":
+        # the tie threshold left some positions exactly at it (not starts) and some above it
+        at = (entropies[:, 1:] == kwargs["threshold"]).sum().item()
+        assert at > 0 and 0 < starts[:, 2:].sum().item() < starts[:, 2:].numel() - at
+
+
+def test_fused_entropy_patch_strided_logits(device, generator):
+    logits = random_logits(40, 3, 300, device=device, generator=generator).transpose(0, 1)[:, ::2]
+    assert not logits.is_contiguous()
+    starts = ops.entropy_patch_starts(ops.entropy(logits), 1.0, include_next_token=False)
+    assert_layout_equal(ops.entropy_patch(logits, 1.0, include_next_token=False, max_patch_length=3),
+                        ref.patch_layout(starts, False, 3))
+
+
 def test_rows_are_patched_independently(device, generator):
     logits = random_logits(4, 64, device=device, generator=generator)
     logits[2] *= 0.05  # near-uniform row: all boundaries
@@ -378,13 +437,17 @@ def test_opcheck(device, generator):
     torch.library.opcheck(ex.space_patch_starts.default, (tokens, True))
     torch.library.opcheck(ex.patch_layout.default, (starts, True, None))
     torch.library.opcheck(ex.patch_layout.default, (starts, True, 2))
+    torch.library.opcheck(ex.entropy_patch.default, (logits, RELEASED_THRESHOLD, None, False, True, None))
+    torch.library.opcheck(ex.entropy_patch.default, (logits.bfloat16(), 0.5, 0.25, False, False, 2))
+    torch.library.opcheck(ex.entropy_patch.default, (logits.half(), 0.1, None, True, True, 3))
 
 
 def test_torch_compile_fullgraph_dynamic(device, generator):
     def pipeline(logits, tokens):
         layout = ops.entropy_patch(logits, threshold=1.0, max_patch_length=6)
+        monotonic = ops.entropy_patch(logits, 0.1, monotonicity=True, include_next_token=False)
         space = ops.patch_layout(ops.space_patch_starts(tokens, False), False)
-        return (*layout, *space)
+        return (*layout, *monotonic, *space)
 
     compiled = torch.compile(pipeline, fullgraph=True, dynamic=True)
     for num_bytes in (30, 45):
@@ -407,6 +470,16 @@ def test_errors(device):
         ops.entropy(torch.randn(2, 0, device=device))
     with pytest.raises(ValueError, match=r"entropy_patch: logits must be a 3-D tensor \[B, T, V\]"):
         ops.entropy_patch(logits[0, 0])
+    with pytest.raises(TypeError, match="blt_ext.entropy_patch: logits must be a floating tensor"):
+        ops.entropy_patch(logits.long())
+    with pytest.raises(ValueError, match=r"entropy_patch: logits.size\(2\) \(vocabulary size V\) must be >= 1"):
+        ops.entropy_patch(logits[:, :, :0])
+    with pytest.raises(ValueError, match="blt_ext.entropy_patch: threshold must not be NaN"):
+        ops.entropy_patch(logits, math.nan)
+    with pytest.raises(ValueError, match="blt_ext.entropy_patch: threshold_add must not be NaN"):
+        ops.entropy_patch(logits, 1.0, math.nan)
+    with pytest.raises(ValueError, match=r"entropy_patch: max_patch_length must be >= 1 \(or None\), got 0"):
+        ops.entropy_patch(logits, max_patch_length=0)
 
     h = torch.rand(2, 6, device=device)
     with pytest.raises(ValueError, match=r"entropies must be a 2-D tensor \[B, T\], got shape"):

@@ -15,6 +15,8 @@ import torch
 CASES = {
     "entropy_patch_starts, rank error (message holds numbers)":
         "ops.entropy_patch_starts(torch.randn(2, 3, 5, device=dev))",
+    "entropy_patch, rank error (message holds numbers)":
+        "ops.entropy_patch(torch.randn(2, 5, device=dev))",
     "entropy, dtype error (message holds only names)":
         "ops.entropy(torch.ones(2, 5, dtype=torch.long, device=dev))",
     "segment_pool, rank error":

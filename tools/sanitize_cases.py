@@ -25,6 +25,9 @@ def main():
 
         logits = (3 * torch.randn(B, T, 260, generator=g)).to(dev, dtype)
         ops.entropy_patch(logits, max_patch_length=5)
+        ops.entropy_patch(logits, 1.0, 0.1, include_next_token=False, max_patch_length=3)
+        starts = ops.entropy_patch_starts(ops.entropy(logits), 0.1, monotonicity=True)
+        ops.patch_layout(starts, include_next_token=True, max_patch_length=5)
         ops.patch_layout(ops.space_patch_starts(tokens), include_next_token=True)
 
         for layout in ("random", "long_patch", "all_ones"):

@@ -9,6 +9,7 @@ original flattens the batch, which lets rows bleed into each other).
 
 No op here synchronizes the host or has a data-dependent output shape, so they run inside
 ``torch.compile(fullgraph=True)`` graphs and CUDA graphs. None is differentiable.
+``entropy_patch`` is the whole pipeline from logits as one op.
 """
 
 from typing import Optional
@@ -63,6 +64,18 @@ def _patch_layout_fake(starts, include_next_token, max_patch_length):
         starts.new_empty((batch, width - 1), dtype=torch.long),
         starts.new_empty((batch, width), dtype=torch.long),
         starts.new_empty((batch,), dtype=torch.long),
+    )
+
+
+@torch.library.register_fake("blt_ext::entropy_patch")
+def _entropy_patch_fake(logits, threshold, threshold_add, monotonicity, include_next_token,
+                        max_patch_length):
+    torch._check(logits.dim() == 3, lambda: "blt_ext.entropy_patch: logits must be [B, T, V]")
+    batch, num_bytes, _ = logits.shape
+    return (
+        logits.new_empty((batch, num_bytes), dtype=torch.long),
+        logits.new_empty((batch, num_bytes + 1), dtype=torch.long),
+        logits.new_empty((batch,), dtype=torch.long),
     )
 
 
@@ -170,14 +183,23 @@ def entropy_patch(
     include_next_token: bool = True,
     max_patch_length: Optional[int] = None,
 ) -> PatchLayout:
-    """Patch layout of entropy-model logits [B, T, V]: entropy -> entropy_patch_starts ->
-    patch_layout, with the arguments of those ops. Not differentiable."""
-    if logits.dim() != 3:
-        raise ValueError(
-            f"blt_ext.entropy_patch: logits must be a 3-D tensor [B, T, V], got shape "
-            f"{list(logits.shape)}"
-        )
-    starts = entropy_patch_starts(
-        entropy(logits), threshold, threshold_add, monotonicity, include_next_token
-    )
-    return patch_layout(starts, include_next_token, max_patch_length)
+    """Patch layout of entropy-model logits: ``patch_layout(entropy_patch_starts(entropy(logits),
+    threshold, threshold_add, monotonicity, include_next_token), include_next_token,
+    max_patch_length)`` in one op (one dispatch; on CUDA the start mask is never materialized).
+
+    Args:
+        logits: [B, T, V] float32, float16, bfloat16 or float64, V >= 1, any strides.
+        threshold, threshold_add, monotonicity, include_next_token: as entropy_patch_starts; the
+            rule is applied to the float32 (float64 for float64 logits) entropies of ``entropy``.
+        max_patch_length: as patch_layout.
+
+    Returns:
+        PatchLayout, equal bit for bit to the three ops applied in sequence.
+
+    Raises:
+        ValueError: logits not 3-D or V = 0, threshold or threshold_add NaN, max_patch_length < 1.
+        TypeError: logits not floating.
+    """
+    return PatchLayout(*_ops.entropy_patch(
+        logits, threshold, threshold_add, monotonicity, include_next_token, max_patch_length
+    ))

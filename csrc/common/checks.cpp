@@ -103,14 +103,27 @@ void check_logits(const at::Tensor& logits) {
                     "got shape ", shape_str(logits.sizes()));
 }
 
+namespace {
+
+void check_thresholds(const char* op, double threshold, std::optional<double> threshold_add) {
+  TORCH_CHECK_VALUE(!std::isnan(threshold), "blt_ext.", op, ": threshold must not be NaN, got ", threshold);
+  TORCH_CHECK_VALUE(!threshold_add.has_value() || !std::isnan(*threshold_add), "blt_ext.", op,
+                    ": threshold_add must not be NaN, got ", threshold_add.value_or(0.0));
+}
+
+void check_max_patch_length(const char* op, std::optional<int64_t> max_patch_length) {
+  TORCH_CHECK_VALUE(!max_patch_length.has_value() || *max_patch_length >= 1, "blt_ext.", op,
+                    ": max_patch_length must be >= 1 (or None), got ", max_patch_length.value_or(0));
+}
+
+}  // namespace
+
 void check_entropy_patch_starts_args(const at::Tensor& entropies, double threshold,
                                      std::optional<double> threshold_add) {
   constexpr const char* op = "entropy_patch_starts";
   check_dim(entropies, op, "entropies", 2, "[B, T]");
   check_floating(entropies, op, "entropies");
-  TORCH_CHECK_VALUE(!std::isnan(threshold), "blt_ext.", op, ": threshold must not be NaN, got ", threshold);
-  TORCH_CHECK_VALUE(!threshold_add.has_value() || !std::isnan(*threshold_add), "blt_ext.", op,
-                    ": threshold_add must not be NaN, got ", threshold_add.value_or(0.0));
+  check_thresholds(op, threshold, threshold_add);
 }
 
 void check_space_patch_starts_args(const at::Tensor& tokens) {
@@ -125,8 +138,18 @@ void check_patch_layout_args(const at::Tensor& starts, std::optional<int64_t> ma
   TORCH_CHECK_VALUE(starts.size(1) >= 1, "blt_ext.", op,
                     ": starts.size(1) (T + 1, the bytes and the next byte) must be >= 1, got shape ",
                     shape_str(starts.sizes()));
-  TORCH_CHECK_VALUE(!max_patch_length.has_value() || *max_patch_length >= 1, "blt_ext.", op,
-                    ": max_patch_length must be >= 1 (or None), got ", max_patch_length.value_or(0));
+  check_max_patch_length(op, max_patch_length);
+}
+
+void check_entropy_patch_args(const at::Tensor& logits, double threshold, std::optional<double> threshold_add,
+                              std::optional<int64_t> max_patch_length) {
+  constexpr const char* op = "entropy_patch";
+  check_dim(logits, op, "logits", 3, "[B, T, V]");
+  check_floating(logits, op, "logits");
+  TORCH_CHECK_VALUE(logits.size(2) >= 1, "blt_ext.", op, ": logits.size(2) (vocabulary size V) must be >= 1, ",
+                    "got shape ", shape_str(logits.sizes()));
+  check_thresholds(op, threshold, threshold_add);
+  check_max_patch_length(op, max_patch_length);
 }
 
 }  // namespace blt_ext::entropy_patch

@@ -77,4 +77,7 @@ void check_space_patch_starts_args(const at::Tensor& tokens);
 
 void check_patch_layout_args(const at::Tensor& starts, std::optional<int64_t> max_patch_length);
 
+void check_entropy_patch_args(const at::Tensor& logits, double threshold, std::optional<double> threshold_add,
+                              std::optional<int64_t> max_patch_length);
+
 }  // namespace blt_ext::entropy_patch

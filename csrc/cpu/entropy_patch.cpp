@@ -242,6 +242,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> patch_layout(const at::Tensor& st
   return {patch_ids, patch_lengths, patch_counts};
 }
 
+// The three ops in sequence: on the CPU a call's dispatch is small beside the work, and the
+// composition keeps one implementation of every rule.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> entropy_patch(const at::Tensor& logits, double threshold,
+                                                             std::optional<double> threshold_add,
+                                                             bool monotonicity, bool include_next_token,
+                                                             std::optional<int64_t> max_patch_length) {
+  check_entropy_patch_args(logits, threshold, threshold_add, max_patch_length);
+  const at::Tensor starts =
+      entropy_patch_starts(entropy(logits), threshold, threshold_add, monotonicity, include_next_token);
+  return patch_layout(starts, include_next_token, max_patch_length);
+}
+
 }  // namespace blt_ext::cpu
 
 TORCH_LIBRARY_IMPL(blt_ext, CPU, m) {
@@ -249,4 +261,5 @@ TORCH_LIBRARY_IMPL(blt_ext, CPU, m) {
   m.impl("entropy_patch_starts", &blt_ext::cpu::entropy_patch_starts);
   m.impl("space_patch_starts", &blt_ext::cpu::space_patch_starts);
   m.impl("patch_layout", &blt_ext::cpu::patch_layout);
+  m.impl("entropy_patch", &blt_ext::cpu::entropy_patch);
 }

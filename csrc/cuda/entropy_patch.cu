@@ -5,7 +5,8 @@
 // entropy_patch_starts and space_patch_starts: one thread per output position. patch_layout: one
 // block per tile of a row, a max-scan for the last natural start (which also places the
 // max_patch_length splits) and a sum-scan for the patch index, carried across tiles through
-// per-tile summaries.
+// per-tile summaries. entropy_patch: the entropy kernel into an fp32 (fp64) scratch, then the two
+// layout launches, which decide each start from the entropies instead of reading a start mask.
 //
 // Value rules checked on CPU are not checked here (a host sync): on CUDA position 0 always starts
 // a patch, column T is ignored without include_next_token, and tokens outside [0, 260) follow
@@ -195,6 +196,32 @@ constexpr int kLayoutThreads = 256;
 constexpr int kLayoutItems = 4;  // consecutive positions per thread
 constexpr int kLayoutTile = kLayoutThreads * kLayoutItems;
 
+// The layout kernels read a row's natural starts at positions 1 <= p < L through a source:
+// a start mask, or the start rule applied to entropies (entropy_patch, no mask materialized).
+
+// starts [B, T + 1] bool.
+struct MaskStarts {
+  const bool* starts;
+  int T;
+  __device__ __forceinline__ bool operator()(int b, int p) const {
+    return starts[static_cast<int64_t>(b) * (T + 1) + p];
+  }
+};
+
+// entropies [B, T], as entropy_patch_starts_kernel decides them: p = 1 always starts, p >= 2
+// reads H[p-1] and H[p-2] (p < L <= T + 1 keeps both in the row).
+template <typename scalar_t>
+struct EntropyStarts {
+  const scalar_t* entropies;
+  int T;
+  StartMode mode;
+  scalar_t threshold, threshold_add;
+  __device__ __forceinline__ bool operator()(int b, int p) const {
+    const scalar_t* h = entropies + static_cast<int64_t>(b) * T;
+    return p < 2 || entropy_starts_at(mode, p, h[p - 1], h[p - 2], threshold, threshold_add);
+  }
+};
+
 struct Sum {
   __device__ int operator()(int a, int b) const { return a + b; }
 };
@@ -255,29 +282,29 @@ struct alignas(16) TileSummary {
 
 // The natural starts among a thread's positions of a tile (position 0 always is one) and the
 // last natural start of the tile up to the thread's positions (-1 if none).
-__device__ __forceinline__ int tile_naturals(const bool* row, int tile_begin, int L, bool (&natural)[kLayoutItems],
-                                            int* shared, int& tile_last) {
+template <typename Source>
+__device__ __forceinline__ int tile_naturals(const Source& source, int b, int tile_begin, int L,
+                                             bool (&natural)[kLayoutItems], int* shared, int& tile_last) {
   const int base = tile_begin + threadIdx.x * kLayoutItems;
   int my_last = -1;
 #pragma unroll
   for (int i = 0; i < kLayoutItems; ++i) {
     const int p = base + i;
-    natural[i] = p < L && (p == 0 || row[p]);
+    natural[i] = p < L && (p == 0 || source(b, p));
     my_last = natural[i] ? p : my_last;
   }
   return block_exclusive_scan(my_last, -1, Max{}, shared, tile_last);
 }
 
-template <bool kSplit>
+template <bool kSplit, typename Source>
 __global__ void __launch_bounds__(kLayoutThreads)
-    tile_summary_kernel(const bool* __restrict__ starts, TileSummary* __restrict__ summaries, int T, int L, int m,
-                        int tiles) {
+    tile_summary_kernel(Source source, TileSummary* __restrict__ summaries, int L, int m, int tiles) {
   __shared__ int shared[32];
   const int b = blockIdx.x / tiles, tile = blockIdx.x % tiles;
   const int tile_begin = tile * kLayoutTile, tile_end = min(tile_begin + kLayoutTile, L);
   bool natural[kLayoutItems];
   int tile_last;
-  int s = tile_naturals(starts + static_cast<int64_t>(b) * (T + 1), tile_begin, L, natural, shared, tile_last);
+  int s = tile_naturals(source, b, tile_begin, L, natural, shared, tile_last);
   const int base = tile_begin + threadIdx.x * kLayoutItems;
   int my_first = tile_end, my_count = 0;
 #pragma unroll
@@ -293,9 +320,9 @@ __global__ void __launch_bounds__(kLayoutThreads)
   if (threadIdx.x == 0) summaries[blockIdx.x] = {-neg_first, tile_last, count, 0};
 }
 
-template <bool kSplit>
+template <bool kSplit, typename Source>
 __global__ void __launch_bounds__(kLayoutThreads)
-    patch_layout_kernel(const bool* __restrict__ starts, const TileSummary* __restrict__ summaries,
+    patch_layout_kernel(Source source, const TileSummary* __restrict__ summaries,
                         int64_t* __restrict__ patch_ids, int64_t* __restrict__ patch_lengths,
                         int64_t* __restrict__ patch_counts, int T, int L, int m, int tiles) {
   __shared__ int shared[32];
@@ -324,13 +351,12 @@ __global__ void __launch_bounds__(kLayoutThreads)
   __syncthreads();
   const int natural_before = max(before[0], 0), count_before = before[1], total = count_carry;
 
-  const bool* row = starts + static_cast<int64_t>(b) * (T + 1);
   int64_t* ids = patch_ids + static_cast<int64_t>(b) * T;
   int64_t* lengths = patch_lengths + static_cast<int64_t>(b) * (T + 1);
   const int tile_begin = tile * kLayoutTile;
   bool natural[kLayoutItems];
   int tile_last;
-  const int last_natural = max(natural_before, tile_naturals(row, tile_begin, L, natural, shared, tile_last));
+  const int last_natural = max(natural_before, tile_naturals(source, b, tile_begin, L, natural, shared, tile_last));
 
   const int base = tile_begin + threadIdx.x * kLayoutItems;
   bool start[kLayoutItems];
@@ -354,7 +380,7 @@ __global__ void __launch_bounds__(kLayoutThreads)
       s = natural[i] ? p : s;
       k += start[i];
       if (p < T) ids[p] = k - 1;
-      if (p + 1 == L || row[p + 1] || on_split_grid<kSplit>(p + 1 - s, m)) {  // p ends a patch
+      if (p + 1 == L || source(b, p + 1) || on_split_grid<kSplit>(p + 1 - s, m)) {  // p ends a patch
         const int begin = kSplit ? s + (p - s) / m * m : s;
         lengths[k - 1] = p - begin + 1;
       }
@@ -365,6 +391,51 @@ __global__ void __launch_bounds__(kLayoutThreads)
   const int pad_end = tile + 1 == tiles ? T + 1 : tile_begin + kLayoutTile;
   for (int j = max(total, tile_begin) + threadIdx.x; j < pad_end; j += kLayoutThreads) lengths[j] = 0;
   if (tile == 0 && threadIdx.x == 0) patch_counts[b] = total;
+}
+
+// Sizes the int32 tile arithmetic of the layout kernels can address.
+void check_layout_size(const char* op, const char* what, int64_t B, int64_t T) {
+  TORCH_CHECK_VALUE(T < INT32_MAX - kLayoutTile, "blt_ext.", op, ": ", what, " must be < 2^31 - ",
+                    std::to_string(kLayoutTile + 1), " on CUDA, got ", std::to_string(T));
+  TORCH_CHECK_VALUE(B <= INT32_MAX, "blt_ext.", op, ": batch size B must be < 2^31 on CUDA, got ",
+                    std::to_string(B));
+}
+
+struct LayoutOutputs {
+  at::Tensor patch_ids, patch_lengths, patch_counts;
+  LayoutOutputs(int64_t B, int64_t T, const at::TensorOptions& options)
+      : patch_ids(at::empty({B, T}, options.dtype(at::kLong))),
+        patch_lengths(at::empty({B, T + 1}, options.dtype(at::kLong))),
+        patch_counts(at::empty({B}, options.dtype(at::kLong))) {}
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> tuple() const { return {patch_ids, patch_lengths, patch_counts}; }
+};
+
+// The two layout launches over B rows of T bytes (B >= 1), natural starts read from `source`.
+template <typename Source>
+void launch_layout(const Source& source, LayoutOutputs& out, int64_t B, int64_t T, bool include_next_token,
+                   std::optional<int64_t> max_patch_length) {
+  const int64_t L = T + include_next_token;
+  // A patch is at most L long, so any m >= L splits nothing.
+  const bool split = max_patch_length.has_value() && *max_patch_length < L;
+  const int m = split ? static_cast<int>(*max_patch_length) : 1;
+  // An empty sequence still gets one tile: it writes the counts and pads the lengths.
+  const int64_t tiles = std::max<int64_t>(1, (L + kLayoutTile - 1) / kLayoutTile);
+  TORCH_CHECK(B * tiles <= INT32_MAX, "blt_ext: too many positions for one launch: ", std::to_string(B * (T + 1)));
+  at::Tensor summaries = at::empty({B, tiles, static_cast<int64_t>(sizeof(TileSummary) / sizeof(int))},
+                                   out.patch_counts.options().dtype(at::kInt));
+  const auto blocks = static_cast<unsigned>(B * tiles);
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  auto* tile_summaries = reinterpret_cast<TileSummary*>(summaries.mutable_data_ptr<int>());
+  const auto summarize = split ? tile_summary_kernel<true, Source> : tile_summary_kernel<false, Source>;
+  summarize<<<blocks, kLayoutThreads, 0, stream>>>(source, tile_summaries, static_cast<int>(L), m,
+                                                   static_cast<int>(tiles));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const auto layout = split ? patch_layout_kernel<true, Source> : patch_layout_kernel<false, Source>;
+  layout<<<blocks, kLayoutThreads, 0, stream>>>(
+      source, tile_summaries, out.patch_ids.mutable_data_ptr<int64_t>(), out.patch_lengths.mutable_data_ptr<int64_t>(),
+      out.patch_counts.mutable_data_ptr<int64_t>(), static_cast<int>(T), static_cast<int>(L), m,
+      static_cast<int>(tiles));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 }  // namespace
@@ -433,37 +504,36 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> patch_layout(const at::Tensor& st
   check_patch_layout_args(starts, max_patch_length);
   const c10::cuda::CUDAGuard guard(starts.device());
   const at::Tensor s = starts.contiguous();
-  const int64_t B = s.size(0), T = s.size(1) - 1, L = T + include_next_token;
-  TORCH_CHECK_VALUE(T < INT32_MAX - kLayoutTile, "blt_ext.patch_layout: starts.size(1) (T + 1) must be < 2^31 - ",
-                    std::to_string(kLayoutTile), " on CUDA, got ", std::to_string(T + 1));
-  TORCH_CHECK_VALUE(B <= INT32_MAX, "blt_ext.patch_layout: starts.size(0) (batch size B) must be < 2^31 on CUDA, got ",
-                    std::to_string(B));
-  at::Tensor patch_ids = at::empty({B, T}, s.options().dtype(at::kLong));
-  at::Tensor patch_lengths = at::empty({B, T + 1}, s.options().dtype(at::kLong));
-  at::Tensor patch_counts = at::empty({B}, s.options().dtype(at::kLong));
-  if (B == 0) return {patch_ids, patch_lengths, patch_counts};
-  // A patch is at most L long, so any m >= L splits nothing.
-  const bool split = max_patch_length.has_value() && *max_patch_length < L;
-  const int m = split ? static_cast<int>(*max_patch_length) : 1;
-  // An empty sequence still gets one tile: it writes the counts and pads the lengths.
-  const int64_t tiles = std::max<int64_t>(1, (L + kLayoutTile - 1) / kLayoutTile);
-  TORCH_CHECK(B * tiles <= INT32_MAX, "blt_ext.patch_layout: too many positions for one launch: ", std::to_string(B * (T + 1)));
-  at::Tensor summaries = at::empty({B, tiles, static_cast<int64_t>(sizeof(TileSummary) / sizeof(int))},
-                                   s.options().dtype(at::kInt));
-  const auto blocks = static_cast<unsigned>(B * tiles);
-  const auto stream = c10::cuda::getCurrentCUDAStream();
-  auto* tile_summaries = reinterpret_cast<TileSummary*>(summaries.mutable_data_ptr<int>());
-  const auto summarize = split ? tile_summary_kernel<true> : tile_summary_kernel<false>;
-  summarize<<<blocks, kLayoutThreads, 0, stream>>>(s.const_data_ptr<bool>(), tile_summaries, static_cast<int>(T),
-                                                   static_cast<int>(L), m, static_cast<int>(tiles));
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  const auto layout = split ? patch_layout_kernel<true> : patch_layout_kernel<false>;
-  layout<<<blocks, kLayoutThreads, 0, stream>>>(
-      s.const_data_ptr<bool>(), tile_summaries, patch_ids.mutable_data_ptr<int64_t>(),
-      patch_lengths.mutable_data_ptr<int64_t>(), patch_counts.mutable_data_ptr<int64_t>(), static_cast<int>(T),
-      static_cast<int>(L), m, static_cast<int>(tiles));
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return {patch_ids, patch_lengths, patch_counts};
+  const int64_t B = s.size(0), T = s.size(1) - 1;
+  check_layout_size("patch_layout", "starts.size(1) - 1 (sequence length T)", B, T);
+  LayoutOutputs out(B, T, s.options());
+  if (B == 0) return out.tuple();
+  launch_layout(MaskStarts{s.const_data_ptr<bool>(), static_cast<int>(T)}, out, B, T, include_next_token,
+                max_patch_length);
+  return out.tuple();
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> entropy_patch(const at::Tensor& logits, double threshold,
+                                                             std::optional<double> threshold_add,
+                                                             bool monotonicity, bool include_next_token,
+                                                             std::optional<int64_t> max_patch_length) {
+  check_entropy_patch_args(logits, threshold, threshold_add, max_patch_length);
+  const c10::cuda::CUDAGuard guard(logits.device());
+  const int64_t B = logits.size(0), T = logits.size(1);
+  check_layout_size("entropy_patch", "logits.size(1) (sequence length T)", B, T);
+  LayoutOutputs out(B, T, logits.options());
+  if (B == 0) return out.tuple();
+  // The entropies stay in the op: the layout launches apply the start rule to them directly.
+  const at::Tensor entropies = entropy(logits);
+  const StartMode mode = start_mode(threshold_add, monotonicity);
+  AT_DISPATCH_FLOATING_TYPES(entropies.scalar_type(), "blt_ext.entropy_patch", [&] {
+    // Rounded to the entropies' dtype, as entropy_patch_starts rounds them.
+    const EntropyStarts<scalar_t> source{entropies.const_data_ptr<scalar_t>(), static_cast<int>(T), mode,
+                                         static_cast<scalar_t>(threshold),
+                                         static_cast<scalar_t>(threshold_add.value_or(0.0))};
+    launch_layout(source, out, B, T, include_next_token, max_patch_length);
+  });
+  return out.tuple();
 }
 
 }  // namespace blt_ext::cuda
@@ -473,4 +543,5 @@ TORCH_LIBRARY_IMPL(blt_ext, CUDA, m) {
   m.impl("entropy_patch_starts", &blt_ext::cuda::entropy_patch_starts);
   m.impl("space_patch_starts", &blt_ext::cuda::space_patch_starts);
   m.impl("patch_layout", &blt_ext::cuda::patch_layout);
+  m.impl("entropy_patch", &blt_ext::cuda::entropy_patch);
 }
