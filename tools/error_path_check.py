@@ -40,19 +40,25 @@ def run_case(device, statement):
 
 def main():
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    crashed = 0
+    failed = 0
     for device in devices:
         for name, statement in CASES.items():
             result, code = run_case(device, statement)
-            outcome = result.stdout.strip() if result.returncode == 0 else f"CRASH (exit {result.returncode})"
+            if result.returncode == 0:
+                outcome = result.stdout.strip()
+            elif result.returncode < 0:
+                outcome = f"CRASH (signal {-result.returncode})"
+            else:
+                last = (result.stderr.strip().splitlines() or ["no output"])[-1]
+                outcome = f"FAILED (exit {result.returncode}): {last}"
             print(f"{device:5} {name:58} {outcome}")
-            if result.returncode != 0:
-                crashed += 1
-                if shutil.which("cuda-gdb"):
-                    bt = subprocess.run(["cuda-gdb", "-batch", "-ex", "run", "-ex", "bt 25", "--args",
-                                         sys.executable, "-c", code], capture_output=True, text=True)
-                    print("\n".join(line for line in bt.stdout.splitlines() if line.startswith("#")))
-    return 1 if crashed else 0
+            if result.returncode != 0 or outcome == "no error":
+                failed += 1
+            if result.returncode < 0 and shutil.which("cuda-gdb"):
+                bt = subprocess.run(["cuda-gdb", "-batch", "-ex", "run", "-ex", "bt 25", "--args",
+                                     sys.executable, "-c", code], capture_output=True, text=True)
+                print("\n".join(line for line in bt.stdout.splitlines() if line.startswith("#")))
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
