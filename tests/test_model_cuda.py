@@ -18,8 +18,15 @@ def relative_error(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
-def test_blt_1b_ext_matches_torch_logits_and_gradients():
+@pytest.fixture
+def no_tf32():
+    previous = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32 = previous
+
+
+def test_blt_1b_ext_matches_torch_logits_and_gradients(no_tf32):
     torch.manual_seed(0)
     model = ByteLatentTransformer(preset("blt-1b"), backend="ext").cuda()
     g = torch.Generator().manual_seed(0)
