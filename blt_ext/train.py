@@ -67,6 +67,7 @@ from .data import (
     split_documents,
 )
 from .model import PRESETS, BLTConfig, ByteLatentTransformer, EntropyModel, EntropyModelConfig, preset
+from .model.config import dataclass_from_dict
 from .model.loss import LossOutput, next_byte_loss
 from .nn import BACKENDS, backend_ops
 
@@ -180,11 +181,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> TrainConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"TrainConfig.from_dict: unknown fields {unknown}")
-        return cls(**d)
+        return dataclass_from_dict(cls, d)
 
 
 def resolve_device(device: str) -> torch.device:

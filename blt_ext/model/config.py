@@ -29,6 +29,14 @@ def ffn_hidden_dim(dim: int, multiple_of: int = 256, multiplier: float | None = 
     return multiple_of * math.ceil(hidden / multiple_of)
 
 
+def dataclass_from_dict(cls, d: dict):
+    """``cls(**d)``, refusing keys that are not fields of the dataclass ``cls`` by name."""
+    unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
+    if unknown:
+        raise ValueError(f"{cls.__name__}.from_dict: unknown fields {unknown}")
+    return cls(**d)
+
+
 def _check(cond: bool, msg: str) -> None:
     if not cond:
         raise ValueError(msg)
@@ -185,11 +193,7 @@ class BLTConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> BLTConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"BLTConfig.from_dict: unknown fields {unknown}")
-        return cls(**d)
+        return dataclass_from_dict(cls, d)
 
 
 def _entropy_released() -> EntropyModelConfig:
