@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One call on a GPU machine: build with CUDA for sm_90, raise one argument error per op on each
-# device in a subprocess (tools/error_path_check.py), run the CUDA tests, run the GPU benchmarks
-# (one op family at a time, so a time limit loses at most one table), run compute-sanitizer
-# (memcheck, racecheck) over small cases of every kernel, and print a short summary last.
+# device in a subprocess (tools/error_path_check.py), run the CUDA tests, run
+# compute-sanitizer (memcheck, racecheck) over small cases of every kernel, run the GPU benchmarks
+# (one op family at a time, so a time limit loses at most one table), and print a short summary last.
 # Usage: benchmarks/gpu_check.sh LOGDIR [benchmark files...]   (LOGDIR receives at most 8 files)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -26,19 +26,22 @@ step build 300 tools/setup_env.sh || { tail -40 "$LOG/build.log"; exit 1; }
 PY=$(tail -n 1 "$LOG/build.log")
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader >>"$LOG/env.log" 2>&1
 step env 60 "$PY" -m blt_ext env
+# how torch and this build were compiled: a C++ ABI or compiler mismatch shows here
+"$PY" -c "import torch; print('torch C++ ABI', int(torch._C._GLIBCXX_USE_CXX11_ABI)); print(torch.__config__.show())" >>"$LOG/build.log" 2>&1
+grep -h -E '^ *(FLAGS|DEFINES) =' build/cmake-*/build.ninja | sort -u >>"$LOG/build.log" 2>&1
 step error-paths 120 "$PY" tools/error_path_check.py
 # two pytest-xdist workers where available: a crashing test then takes down one worker, not the run
 XDIST=$("$PY" -c "import xdist" 2>/dev/null && echo "-n 2")
 step cuda-tests 240 "$PY" -m pytest tests -m cuda -q --tb=short --maxfail=20 -rs -p no:cacheprovider $XDIST
+if command -v compute-sanitizer >/dev/null; then
+  step memcheck 150 compute-sanitizer --tool memcheck --error-exitcode 1 "$PY" tools/sanitize_cases.py
+  step racecheck 150 compute-sanitizer --tool racecheck --error-exitcode 1 "$PY" tools/sanitize_cases.py
+fi
 for file in "${BENCH_FILES[@]}"; do
   BLT_BENCH_DEVICE=cuda step bench 200 "$PY" benchmarks/run.py --record "$LOG/table.tmp" "$file" &&
     cat "$LOG/table.tmp" >>"$LOG/gpu-ops.md" && echo >>"$LOG/gpu-ops.md"
 done
 rm -f "$LOG/table.tmp"
-if command -v compute-sanitizer >/dev/null; then
-  step memcheck 150 compute-sanitizer --tool memcheck --error-exitcode 1 "$PY" tools/sanitize_cases.py
-  step racecheck 150 compute-sanitizer --tool racecheck --error-exitcode 1 "$PY" tools/sanitize_cases.py
-fi
 
 echo; cat "$LOG/env.log"
 tail -n 2 "$LOG/cuda-tests.log"
