@@ -13,6 +13,7 @@ import torch
 
 from blt_ext import ops, reference
 from blt_ext.testing import assert_close_to_reference, random_patch_lengths
+from blt_ext.testing.segment_pool import first_winner_grad
 
 pytestmark = pytest.mark.cuda
 CUDA = torch.device("cuda")
@@ -92,8 +93,11 @@ def test_segment_pool_released_shapes(reduce):
     assert_close_to_reference(out, expected, BF16)
     grad = torch.randn(out.shape, generator=g).to(CUDA, BF16)
     out.backward(grad)
-    expected.backward(grad.double())
-    assert_close_to_reference(x.grad, x_ref.grad, BF16)
+    if reduce == "max":  # bfloat16 states tie often here; the kernel's rule is stated exactly
+        assert torch.equal(x.grad, first_winner_grad(x.detach(), out.detach(), lengths, grad))
+    else:
+        expected.backward(grad.double())
+        assert_close_to_reference(x.grad, x_ref.grad, BF16)
 
 
 @pytest.mark.parametrize("direction", ["encoder", "decoder"])

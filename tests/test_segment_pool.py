@@ -6,7 +6,7 @@ import torch
 import blt_ext
 from blt_ext import ops, reference
 from blt_ext.testing import PATCH_LAYOUTS, assert_close_to_reference
-from blt_ext.testing.segment_pool import segment_pool_inputs
+from blt_ext.testing.segment_pool import first_winner_grad, segment_pool_inputs
 
 REDUCTIONS = ("max", "mean", "min")
 DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -146,6 +146,15 @@ def test_ties_and_empty_patches_by_hand(device, reduce, dtype):
         torch.tensor([TIE_GRAD], dtype=dtype, device=device)
     )
     torch.testing.assert_close(x.grad, want_grad.to(dtype))
+
+
+@pytest.mark.parametrize("reduce", ["max", "min"])
+def test_first_winner_grad_by_hand(reduce):
+    """The tie rule's independent expectation (used where ties are unavoidable) on the hand case."""
+    x, lengths = torch.tensor([TIE_X]), torch.tensor([TIE_LENGTHS])
+    want_out, _, want_grad = TIE_EXPECTED[reduce]
+    got = first_winner_grad(x, torch.tensor([want_out], dtype=x.dtype), lengths, torch.tensor([TIE_GRAD]))
+    assert torch.equal(got, torch.tensor([want_grad], dtype=x.dtype))
 
 
 def test_nan_propagates_like_amax(device):

@@ -21,11 +21,16 @@ PATCH_LAYOUTS = ("random", "one_patch", "all_ones", "long_patch")
 def assert_close_to_reference(actual, expected, dtype=None, scale=1.0, msg=""):
     """Compare ``actual`` (any float dtype) with a float64 ``expected`` at ``dtype``'s tolerance.
 
-    ``scale`` widens the tolerance for results that sum many rounded terms.
+    ``scale`` widens the tolerance for results that sum many rounded terms. ``expected`` may live
+    on another device (a float64 reference is often computed on the CPU).
     """
     atol, rtol = TOLERANCES[dtype or actual.dtype]
     torch.testing.assert_close(
-        actual.double(), expected.double(), atol=atol * scale, rtol=rtol * scale, msg=msg or None
+        actual.double(),
+        expected.to(actual.device, torch.float64),
+        atol=atol * scale,
+        rtol=rtol * scale,
+        msg=msg or None,
     )
 
 

@@ -2,6 +2,7 @@
 
 import torch
 
+from ..reference.segment_pool import patch_ids_from_lengths
 from . import random_patch_lengths
 
 # Largest |integer| every test dtype holds exactly (bfloat16 keeps 8 significant bits).
@@ -47,3 +48,21 @@ def segment_pool_inputs(
     else:
         x = torch.randn(batch, num_bytes, dim, generator=generator, dtype=torch.float64)
     return x.to(device=device, dtype=dtype).contiguous(), lengths.to(device)
+
+
+def first_winner_grad(x, pooled, patch_lengths, grad_pooled):
+    """Gradient of max or min pooling by the kernel's rule, from the inputs and the pooled result.
+
+    Each (patch, column) sends its gradient to the first byte of the patch that equals the
+    pooled value; tied later bytes get 0 (autograd of the reference would split it instead).
+    This is the expectation where ties are unavoidable, as in bfloat16 at the released shapes.
+    """
+    batch, num_bytes, dim = x.shape
+    ids = patch_ids_from_lengths(patch_lengths, num_bytes)
+    by_byte = ids.unsqueeze(-1).expand(batch, num_bytes, dim)
+    winner = x == pooled.gather(1, by_byte)
+    winners_before = winner.long().cumsum(1) - winner.long()
+    starts = torch.cumsum(patch_lengths, dim=-1) - patch_lengths
+    patch_start = starts.gather(1, ids).unsqueeze(-1).expand(batch, num_bytes, dim)
+    first = winner & (winners_before == winners_before.gather(1, patch_start))
+    return torch.where(first, grad_pooled.gather(1, by_byte), torch.zeros_like(x))
