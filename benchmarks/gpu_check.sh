@@ -33,7 +33,7 @@ grep -h -E '^ *(FLAGS|DEFINES) =' build/cmake-*/build.ninja | sort -u >>"$LOG/bu
 step error-paths 120 "$PY" tools/error_path_check.py
 # The README's test command (every test, CPU and CUDA), on 8 pytest-xdist workers where available:
 # a crashing test then takes down one worker, not the run.
-XDIST=$("$PY" -c "import xdist" 2>/dev/null && echo "-n 8")
+XDIST=$("$PY" -c "import xdist" 2>/dev/null && echo "-n 8 --dist loadgroup")
 PYTEST_ARGS="-q --tb=short --maxfail=20 -rs -p no:cacheprovider $XDIST"
 if command -v make >/dev/null; then
   step tests 300 make test PYTEST_ARGS="$PYTEST_ARGS"

@@ -77,6 +77,21 @@ def test_bad_patch_lengths_are_refused(lengths, error, message):
         model(tokens, torch.tensor(lengths))
 
 
+def test_bad_tokens_are_refused_by_name():
+    model = build()
+    tokens = encode("hello")
+    with pytest.raises(ValueError, match=r"tokens are on meta but the model is on cpu; move them"):
+        model(tokens.to("meta"))
+    with pytest.raises(ValueError, match=r"ByteLatentTransformer.patch: tokens are on meta"):
+        model.patch(tokens.to("meta"))
+    with pytest.raises(ValueError, match=r"EntropyModel.forward: tokens are on meta"):
+        model.entropy_model(tokens.to("meta"))
+    with pytest.raises(TypeError, match=r"tokens must be an integer tensor, got torch.float32"):
+        model(tokens.float())
+    with pytest.raises(ValueError, match=r"tokens must be \[B, T\], got \(6,\)"):
+        model(tokens[0])
+
+
 def test_decoder_shift_byte_t_reads_patch_p_of_t_plus_1_minus_1():
     """BLT_SPEC.md f example: lengths [1, 3, 2, 1] over 6 bytes -> decoder patch ids [0,0,0,1,1,2]."""
     model = build()

@@ -11,7 +11,8 @@ import torch
 from blt_ext.model import ByteLatentTransformer, preset
 from blt_ext.testing import random_patch_lengths
 
-pytestmark = pytest.mark.cuda
+# The two 1B models fill tens of GB: under pytest-xdist they run one after the other in one worker.
+pytestmark = [pytest.mark.cuda, pytest.mark.xdist_group("blt-1b")]
 
 
 def relative_error(a, b):

@@ -15,7 +15,8 @@ from blt_ext import ops, reference
 from blt_ext.testing import assert_close_to_reference, random_patch_lengths
 from blt_ext.testing.segment_pool import first_winner_grad
 
-pytestmark = pytest.mark.cuda
+# Released shapes (6 GB of hash tables and their gradients): one worker under pytest-xdist.
+pytestmark = [pytest.mark.cuda, pytest.mark.xdist_group("released-shapes")]
 CUDA = torch.device("cuda")
 BF16 = torch.bfloat16
 

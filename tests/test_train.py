@@ -130,10 +130,15 @@ def test_interrupted_and_resumed_run_has_the_losses_of_an_uninterrupted_one(task
     resumed = Trainer.from_checkpoint(tmp_path / "part", progress=False, verbose=False)
     assert resumed.step == 3
     result = resumed.train()
-    assert result.train_losses == expected.train_losses  # exact on CPU
-    assert [e.loss for e in result.evals] == [e.loss for e in expected.evals]
+    losses, eval_losses = expected.train_losses, [e.loss for e in expected.evals]
+    exact = full.device.type == "cpu"  # on CUDA the hash-embedding backward adds with atomics
+    assert result.train_losses == (losses if exact else pytest.approx(losses, rel=1e-5))
+    assert [e.loss for e in result.evals] == (eval_losses if exact else pytest.approx(eval_losses, rel=1e-5))
     for (name, a), b in zip(full.model.state_dict().items(), resumed.model.state_dict().values()):
-        assert torch.equal(a, b), name
+        if exact:
+            assert torch.equal(a, b), name
+        else:
+            torch.testing.assert_close(a, b, msg=name)
 
 
 def test_interrupt_inside_a_step_rolls_back_to_the_last_completed_step(corpus, tmp_path, monkeypatch):
@@ -178,8 +183,8 @@ def test_cached_entropies_give_the_patches_and_losses_of_on_the_fly_patching(cor
     fly = Trainer(small(corpus, out=str(tmp_path / "fly"), **common), progress=False, verbose=False)
     cached = Trainer(small(corpus, out=str(tmp_path / "cached"), entropies="cached", **common),
                      progress=False, verbose=False)
-    rows = fly.train_rows[:4, :-1]
-    ent = cached.entropy_cache["train"][:4]
+    rows = fly.train_rows[:4, :-1].to(fly.device)
+    ent = cached.entropy_cache["train"][:4].to(fly.device)
     torch.testing.assert_close(ent, compute_entropies(fly.model.entropy_model, rows, batch_size=4))
     assert fly.threshold == cached.threshold
     lengths = blt_patch_lengths(fly.model, rows)
@@ -206,7 +211,7 @@ def test_bf16_autocast_trains_with_both_backends_alike(corpus, entropy_dir):
 def test_blt_threshold_is_calibrated_to_the_target_patch_size(corpus, entropy_dir):
     trainer = Trainer(small(corpus, task="blt", entropy_model=str(entropy_dir), target_patch_size=3.0),
                       progress=False, verbose=False)
-    rows = trainer.train_rows[:, :-1]
+    rows = trainer.train_rows[:, :-1].to(trainer.device)
     lengths = blt_patch_lengths(trainer.model, rows)
     # lengths cover T + 1 positions (the next byte); count patches over the T bytes
     mean = rows.numel() / int((lengths > 0).sum())
@@ -218,9 +223,9 @@ def test_exported_blt_reloads_with_the_same_outputs(corpus, entropy_dir, tmp_pat
     trainer = Trainer(small(corpus, task="blt", entropy_model=str(entropy_dir), threshold=2.0, steps=2,
                             out=str(tmp_path)), progress=False, verbose=False)
     result = trainer.train()
-    loaded = ByteLatentTransformer.from_pretrained(result.model_dir)
+    loaded = ByteLatentTransformer.from_pretrained(result.model_dir).to(trainer.device)
     assert loaded.config.patching_threshold == pytest.approx(2.0)
-    tokens = trainer.held_rows[:2, :-1]
+    tokens = trainer.held_rows[:2, :-1].to(trainer.device)
     trainer.model.eval()
     with torch.no_grad():
         torch.testing.assert_close(loaded(tokens), trainer.model(tokens))

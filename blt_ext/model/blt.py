@@ -17,7 +17,15 @@ from ..nn import (
 )
 from .config import BLTConfig
 from .entropy_model import EntropyModel
-from .layers import ATTN_IMPLS, AttentionMask, TransformerBlock, document_ids, rope_for_length, self_attention_mask
+from .layers import (
+    ATTN_IMPLS,
+    AttentionMask,
+    TransformerBlock,
+    check_tokens,
+    document_ids,
+    rope_for_length,
+    self_attention_mask,
+)
 from .loss import LossOutput, next_byte_loss
 from .tokenizer import EOS_ID
 
@@ -265,6 +273,7 @@ class ByteLatentTransformer(nn.Module):
         ``patch_lengths`` [B, P] sum to T + 1 per row (the virtual next byte); the trim reads the
         patch count on the host (one synchronisation).
         """
+        check_tokens(tokens, self.lm_head.weight, "ByteLatentTransformer.patch")
         layout = self.patcher(tokens, include_next_token=True)
         width = int(layout.patch_counts.max()) if tokens.shape[0] > 0 else 0
         return type(layout)(layout.patch_ids, layout.patch_lengths[:, :width], layout.patch_counts)
@@ -295,8 +304,7 @@ class ByteLatentTransformer(nn.Module):
 
     # ---- forward ----------------------------------------------------------------------------
     def forward(self, tokens: torch.Tensor, patch_lengths: torch.Tensor | None = None) -> torch.Tensor:
-        if tokens.dim() != 2:
-            raise ValueError(f"ByteLatentTransformer.forward: tokens must be [B, T], got {tuple(tokens.shape)}")
+        check_tokens(tokens, self.lm_head.weight, "ByteLatentTransformer.forward")
         if patch_lengths is None:
             patch_lengths = self.patch(tokens).patch_lengths
         else:

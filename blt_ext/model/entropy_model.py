@@ -7,7 +7,7 @@ from torch import nn
 
 from ..nn import RMSNorm, init_trunc_normal
 from .config import EntropyModelConfig
-from .layers import TransformerBlock, document_ids, rope_for_length, self_attention_mask
+from .layers import TransformerBlock, check_tokens, document_ids, rope_for_length, self_attention_mask
 
 
 class EntropyModel(nn.Module):
@@ -43,6 +43,7 @@ class EntropyModel(nn.Module):
             layer.reset_parameters()
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        check_tokens(tokens, self.embed_tokens.weight, "EntropyModel.forward")
         c = self.config
         seq_len = tokens.shape[1]
         mask = self_attention_mask(document_ids(tokens), seq_len, c.sliding_window, self.attn_impl)

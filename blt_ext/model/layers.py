@@ -56,6 +56,17 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return out.flatten(-2).type_as(x)
 
 
+def check_tokens(tokens: torch.Tensor, weight: torch.Tensor, where: str) -> None:
+    """Token ids must be an integer [B, T] tensor on the model's device (``weight``'s)."""
+    if tokens.dim() != 2:
+        raise ValueError(f"{where}: tokens must be [B, T], got {tuple(tokens.shape)}")
+    if tokens.dtype.is_floating_point or tokens.dtype.is_complex or tokens.dtype == torch.bool:
+        raise TypeError(f"{where}: tokens must be an integer tensor, got {tokens.dtype}")
+    if tokens.device != weight.device:
+        raise ValueError(f"{where}: tokens are on {tokens.device} but the model is on {weight.device}; "
+                         f"move them with tokens.to({str(weight.device)!r})")
+
+
 def document_ids(tokens: torch.Tensor, eos_id: int = EOS_ID) -> torch.Tensor:
     """[B, T] index of the document of each position: an EOS closes its document (it belongs to it)."""
     eos = (tokens == eos_id).to(torch.int32)
