@@ -32,7 +32,9 @@ if ON_CUDA:
     PRESET, DTYPE, BATCH, SEQ = "blt-1b", torch.bfloat16, 1, 8192
 else:
     PRESET, DTYPE, BATCH, SEQ = "blt-tiny", torch.float32, 1, 512
-PROVIDERS = ("ext", "torch", "transformers")
+# ext+flex: the ext ops with the stock self-attention through flex_attention (block-sparse masks)
+# instead of SDPA with a dense mask; on CUDA only, where flex_attention compiles to a fused kernel.
+PROVIDERS = ("ext", "torch", "transformers") + (("ext+flex",) if ON_CUDA else ())
 DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float32: "fp32"}
 DTYPE_NAME = DTYPE_NAMES[DTYPE]
 
@@ -98,7 +100,7 @@ def make_forward(provider, ours, hf):
     """
     if provider == "transformers":
         return lambda x, pl, hf_pl: hf(x, patch_lengths=hf_pl, use_cache=False).logits
-    ours.backend = provider
+    ours.backend, ours.attn_impl = ("ext", "flex") if provider == "ext+flex" else (provider, "sdpa")
     return lambda x, pl, hf_pl: ours(x, pl)
 
 
@@ -135,7 +137,7 @@ def prepared_models():
         with torch.no_grad():
             logits = {p: make_forward(p, ours, hf)(inputs[0], *inputs[2:]) for p in PROVIDERS}
         rel[DTYPE_NAMES[dtype]] = check_agreement(logits, dtype)
-    ours.backend = "ext"
+    ours.backend, ours.attn_impl = "ext", "sdpa"
     if ON_CUDA:
         torch.cuda.empty_cache()
     return ours, hf, inputs, rel
@@ -143,11 +145,9 @@ def prepared_models():
 
 @pytest.fixture(scope="module")
 def setup():
-    ours, hf = build_models()
-    inputs = model_inputs()
     ours, hf, inputs, rel = prepared_models()
     yield ours, hf, inputs, rel
-    ours.backend = "ext"
+    ours.backend, ours.attn_impl = "ext", "sdpa"
 
 
 def step(forward, models, x, targets, pl, hf_pl):

@@ -111,7 +111,7 @@ def regions(provider):
         import blt_ext.ops
         import blt_ext.reference
 
-        namespace = blt_ext.ops if provider == "ext" else blt_ext.reference
+        namespace = blt_ext.ops if provider.startswith("ext") else blt_ext.reference
         return [(namespace, name, functools.partial(labelled, category=cat)) for name, cat in OUR_OPS.items()]
     from transformers.models.blt import modeling_blt as m
 
