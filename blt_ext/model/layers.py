@@ -74,10 +74,26 @@ def document_ids(tokens: torch.Tensor, eos_id: int = EOS_ID) -> torch.Tensor:
 
 
 class AttentionMask(NamedTuple):
-    """A self-attention mask in the form its implementation wants (dense bool or flex BlockMask)."""
+    """A self-attention mask in the form its implementation wants (dense bool or flex BlockMask);
+    both None: plain causal, which SDPA runs as ``is_causal`` (flash attention where it applies)."""
 
     dense: torch.Tensor | None  # [B, 1, S, S] bool, True = attend
     block: object | None  # torch.nn.attention.flex_attention.BlockMask
+
+
+def is_plain_causal(doc_ids: torch.Tensor | None, seq_len: int, window: int | None) -> bool:
+    """Whether the window does not bind (``window >= seq_len``) and each row is one document.
+
+    Reads ``doc_ids`` on the host (one synchronisation); while compiling, with documents given,
+    it answers False so that the graph keeps the dense mask and stays free of data dependence.
+    """
+    if window is not None and window < seq_len:
+        return False
+    if doc_ids is None:
+        return True
+    if torch.compiler.is_compiling() or doc_ids.numel() == 0:
+        return False
+    return bool((doc_ids[:, -1] == 0).all())  # ids count the EOS before a position
 
 
 def self_attention_mask(
@@ -97,6 +113,8 @@ def self_attention_mask(
     if doc_ids is not None:
         batch, device = doc_ids.shape[0], doc_ids.device
     if impl == "sdpa":
+        if is_plain_causal(doc_ids, seq_len, window):
+            return AttentionMask(None, None)
         i = torch.arange(seq_len, device=device)
         rel = i[:, None] - i[None, :]
         allowed = rel >= 0
@@ -128,7 +146,8 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMas
     gqa = k.shape[1] != q.shape[1]
     if mask.block is not None:
         return _flex_attention(q.device)(q, k, v, block_mask=mask.block, enable_gqa=gqa)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.dense, enable_gqa=gqa)
+    causal = mask.dense is None
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.dense, is_causal=causal, enable_gqa=gqa)
 
 
 class FeedForward(nn.Module):
