@@ -199,8 +199,8 @@ class ByteLatentTransformer(nn.Module):
     patch one byte, zero padding on the right) are used as given.
 
     ``backend`` ("ext" or "torch") selects the BLT ops (hash embedding, pooling, cross-attention,
-    patching) for every submodule; ``attn_impl`` the stock self-attention: "sdpa" (dense mask)
-    or "flex" (flex_attention with a block mask, compiled on CUDA; forward only on CPU).
+    patching) for every submodule; ``attn_impl`` the stock self-attention: "sdpa" (a dense mask,
+    or ``is_causal`` when the window does not bind and each row is one document) or "flex" (flex_attention with a block mask, compiled on CUDA; forward only on CPU).
     The entropy model is frozen (its parameters do not require gradients).
     """
 
