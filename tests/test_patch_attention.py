@@ -139,7 +139,9 @@ def test_large_random(device, generator, direction):
     )
     # Thousands of bf16 rows: the few largest deviations of the gradients, which take D = dO . O
     # from the stored bf16 output O (as flash attention does) where the reference has the exact
-    # O, reach past twice the bf16 tolerance (19 of 1.9M dq elements on the H200).
+    # O, reach past twice the bf16 tolerance (19 of 1.9M encoder dq elements on the H200). A
+    # float64 model of just that rounding, on three draws of this case, gives the same picture:
+    # max |error| 0.050-0.053, 13-17 elements past twice the tolerance, none past four times.
     assert_matches_reference(q, k, v, lengths, 2, direction, generator, scale=0.3, grad_tolerance=4)
 
 
