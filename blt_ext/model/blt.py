@@ -20,9 +20,11 @@ from .entropy_model import EntropyModel
 from .layers import (
     ATTN_IMPLS,
     AttentionMask,
+    KVCache,
     TransformerBlock,
     check_tokens,
     document_ids,
+    rope_angles,
     rope_for_length,
     self_attention_mask,
 )
@@ -77,21 +79,34 @@ class LocalEncoder(nn.Module):
         init_trunc_normal(self.patch_embedding_projection.weight, self.dim**-0.5)
 
     def forward(self, tokens: torch.Tensor, patch_lengths: torch.Tensor, mask: AttentionMask):
-        b, seq_len = tokens.shape
-        num_patches = patch_lengths.shape[1]
-        h = self.embedding(tokens)
-        rope = rope_for_length(seq_len, self.head_dim, self.rope_theta, tokens.device)
+        rope = rope_for_length(tokens.shape[1], self.head_dim, self.rope_theta, tokens.device)
+        layer_states = self.byte_states(self.embedding(tokens), rope, mask)
+        return layer_states[-1], self.patch_slots(layer_states, patch_lengths)
+
+    def byte_states(self, h: torch.Tensor, rope, mask: AttentionMask, caches: list[KVCache] | None = None):
+        """Every layer's output [B, T, De] from the embeddings ``h`` (with ``caches``: the new
+        positions' outputs, earlier positions read from the caches)."""
+        states = []
+        for i, layer in enumerate(self.layers):
+            h = layer(h, rope, mask, None if caches is None else caches[i])
+            states.append(h)
+        return states
+
+    def patch_slots(self, layer_states: list[torch.Tensor], patch_lengths: torch.Tensor) -> torch.Tensor:
+        """[B, P*k, De] slots from the byte states of the layers that carry cross-attention: pooled
+        and projected once (the first such layer), then updated by each cross-attention. The
+        slots never feed back into the byte states, so this can run after all layers."""
+        b, num_patches = patch_lengths.shape
         slots = None
         last = len(self.layers) - 1
-        for i, layer in enumerate(self.layers):
-            h = layer(h, rope, mask)
+        for i, h in enumerate(layer_states):
             if self.all_layers or i == last:
                 if slots is None:
                     pooled = self.pooling(h, patch_lengths)
                     slots = self.patch_embedding_projection(pooled).view(b, num_patches * self.k, self.dim)
                 cross = self.cross_attn_layers[i if self.all_layers else 0]
                 slots = slots + cross(slots, h, patch_lengths)
-        return h, slots
+        return slots
 
 
 class GlobalTransformer(nn.Module):
@@ -124,12 +139,18 @@ class GlobalTransformer(nn.Module):
 
     def forward(self, x: torch.Tensor, doc_ids: torch.Tensor | None, attn_impl: str) -> torch.Tensor:
         b, num_patches, _ = x.shape
+        mask = self_attention_mask(doc_ids, num_patches, None, attn_impl, batch=b, device=x.device)
+        return self.run_layers(x, torch.arange(num_patches, device=x.device), mask)
+
+    def run_layers(self, x: torch.Tensor, positions: torch.Tensor, mask: AttentionMask,
+                   caches: list[KVCache] | None = None) -> torch.Tensor:
+        """The projection and every layer on patches at ``positions`` [P] (with ``caches``: the
+        new patches, earlier ones read from the caches)."""
         if self.token_embedding_projection is not None:
             x = self.token_embedding_projection(x)
-        mask = self_attention_mask(doc_ids, num_patches, None, attn_impl, batch=b, device=x.device)
-        rope = rope_for_length(num_patches, self.head_dim, self.rope_theta, x.device)
-        for layer in self.layers:
-            x = layer(x, rope, mask)
+        rope = rope_angles(positions, self.head_dim, self.rope_theta)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, rope, mask, None if caches is None else caches[i])
         return x
 
 
@@ -168,14 +189,19 @@ class LocalDecoder(nn.Module):
         proj = self.patch_embedding_projection
         init_trunc_normal(proj.weight, proj.in_features**-0.5)
 
-    def forward(self, h: torch.Tensor, patches: torch.Tensor, patch_lengths: torch.Tensor, mask: AttentionMask):
+    def forward(self, h: torch.Tensor, patches: torch.Tensor, patch_lengths: torch.Tensor, mask: AttentionMask,
+                positions: torch.Tensor | None = None, caches: list[KVCache] | None = None):
+        """``positions`` [T] of the bytes in ``h`` (0..T-1 by default); with ``caches`` h holds the
+        new bytes only and earlier ones are read from the caches."""
         b, seq_len, _ = h.shape
         slots = self.patch_embedding_projection(patches).view(b, patches.shape[1] * self.k, self.dim)
-        rope = rope_for_length(seq_len, self.head_dim, self.rope_theta, h.device)
+        if positions is None:
+            positions = torch.arange(seq_len, device=h.device)
+        rope = rope_angles(positions, self.head_dim, self.rope_theta)
         for i, layer in enumerate(self.layers):
             if self.all_layers or i == 0:
                 h = h + self.cross_attn_layers[i](h, slots, patch_lengths)
-            h = layer(h, rope, mask)
+            h = layer(h, rope, mask, None if caches is None else caches[i])
         return self.norm(h)
 
 

@@ -7,7 +7,15 @@ from torch import nn
 
 from ..nn import RMSNorm, init_trunc_normal
 from .config import EntropyModelConfig
-from .layers import TransformerBlock, check_tokens, document_ids, rope_for_length, self_attention_mask
+from .layers import (
+    AttentionMask,
+    KVCache,
+    TransformerBlock,
+    check_tokens,
+    document_ids,
+    rope_angles,
+    self_attention_mask,
+)
 
 
 class EntropyModel(nn.Module):
@@ -44,11 +52,17 @@ class EntropyModel(nn.Module):
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         check_tokens(tokens, self.embed_tokens.weight, "EntropyModel.forward")
-        c = self.config
         seq_len = tokens.shape[1]
-        mask = self_attention_mask(document_ids(tokens), seq_len, c.sliding_window, self.attn_impl)
-        rope = rope_for_length(seq_len, c.dim // c.n_heads, c.rope_theta, tokens.device)
+        mask = self_attention_mask(document_ids(tokens), seq_len, self.config.sliding_window, self.attn_impl)
+        return self.run_layers(tokens, torch.arange(seq_len, device=tokens.device), mask)
+
+    def run_layers(self, tokens: torch.Tensor, positions: torch.Tensor, mask: AttentionMask,
+                   caches: list[KVCache] | None = None) -> torch.Tensor:
+        """fp32 logits of ``tokens`` at ``positions`` [T] (with ``caches``: the new positions only,
+        earlier ones read from the caches)."""
+        c = self.config
+        rope = rope_angles(positions, c.dim // c.n_heads, c.rope_theta)
         h = self.embed_tokens(tokens)
-        for layer in self.layers:
-            h = layer(h, rope, mask)
+        for i, layer in enumerate(self.layers):
+            h = layer(h, rope, mask, None if caches is None else caches[i])
         return self.lm_head(self.norm(h)).float()

@@ -1,10 +1,11 @@
-"""Batched byte generation with per-row state (uncached: every step re-runs the model).
+"""Batched byte generation with per-row state, KV-cached or not.
 
-Each step runs the entropy model and the BLT on every unfinished row's whole prefix, as the
-original ``generate_nocache`` does, but with each row patched on its own (right padding never
+Cached (the default): each row keeps its own caches (:class:`blt_ext.model.decoding.RowDecoder`),
+takes its prompt in one pass and then one byte per step. Uncached (``use_cache=False``): each
+step runs the entropy model and the BLT on every unfinished row's whole prefix, as the original
+``generate_nocache`` does. Either way each row is patched on its own (right padding never
 reaches a real byte: every mask is causal and patches are decided per row), so a row's output
-does not depend on the other rows. The state is per row (lengths, finished flags) so that a
-KV-cached step can replace :func:`next_logits` without changing the loop.
+does not depend on the other rows.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from typing import NamedTuple
 
 import torch
 
+from .blt import ByteLatentTransformer
+from .decoding import RowDecoder
 from .tokenizer import BOE_ID, EOS_ID, ByteTokenizer
 
 Prompt = str | bytes | Sequence[int] | torch.Tensor
@@ -63,6 +66,15 @@ def next_logits(model, state: GenerationState, rows: torch.Tensor) -> torch.Tens
     tokens = state.tokens[rows, : int(lengths.max())]
     logits = model(tokens)
     return logits[torch.arange(len(rows), device=logits.device), lengths - 1]
+
+
+def cached_next_logits(decoders: list[RowDecoder], state: GenerationState, rows: torch.Tensor) -> torch.Tensor:
+    """[R, V] logits of the next byte of ``rows``: each row's decoder takes the bytes it has not seen."""
+    out = []
+    for row, length in zip(rows.tolist(), state.lengths[rows].tolist()):
+        decoder = decoders[row]
+        out.append(decoder.extend(state.tokens[row, decoder.length : length])[-1])
+    return torch.stack(out)
 
 
 def sample_next(
@@ -123,22 +135,32 @@ def generate(
     top_p: float | None = None,
     stop_at_eos: bool = True,
     seed: int | None = None,
+    use_cache: bool | None = None,
 ) -> GenerationOutput:
     """Generate up to ``max_new_bytes`` ids after each prompt (a str/bytes/id list, or a list of them).
 
     Greedy at ``temperature=0`` (default), otherwise sampled with optional ``top_k``/``top_p``
     from a generator seeded with ``seed`` (the global RNG when None). A row stops after
-    generating EOS when ``stop_at_eos``. Returns texts, generated ids and prompt ids per prompt.
+    generating EOS when ``stop_at_eos``. ``use_cache`` (default: whenever ``model`` is a
+    ByteLatentTransformer) keeps per-row KV caches; ``use_cache=False`` re-runs the model over
+    each prefix (the original's way; the same outputs up to float rounding). Returns texts, generated ids and
+    prompt ids per prompt.
     """
     device = next(model.parameters()).device
     prompt_ids = encode_prompts(prompts)
     state = GenerationState.from_prompts(prompt_ids, max_new_bytes, device)
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+    if use_cache is None:
+        use_cache = isinstance(model, ByteLatentTransformer)
+    elif use_cache and not isinstance(model, ByteLatentTransformer):
+        raise ValueError(f"generate: use_cache=True needs a ByteLatentTransformer, got {type(model).__name__}")
+    decoders = [RowDecoder(model) for _ in prompt_ids] if use_cache else None
     for _ in range(max_new_bytes):
         rows = state.active_rows()
         if len(rows) == 0:
             break
-        next_ids = sample_next(next_logits(model, state, rows), temperature, top_k, top_p, generator)
+        logits = cached_next_logits(decoders, state, rows) if use_cache else next_logits(model, state, rows)
+        next_ids = sample_next(logits, temperature, top_k, top_p, generator)
         state.append(rows, next_ids, stop_at_eos)
     tokenizer = ByteTokenizer()
     ids = [state.generated(b) for b in range(len(prompt_ids))]

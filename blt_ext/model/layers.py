@@ -141,6 +141,37 @@ def self_attention_mask(
     return AttentionMask(None, block)
 
 
+class KVCache:
+    """Keys and values [B, Hkv, S, D] of one attention layer, extended as positions arrive."""
+
+    def __init__(self) -> None:
+        self.k: torch.Tensor | None = None
+        self.v: torch.Tensor | None = None
+
+    def extend(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append the new positions' k, v; returns all keys and values so far."""
+        self.k = k if self.k is None else torch.cat([self.k, k], dim=2)
+        self.v = v if self.v is None else torch.cat([self.v, v], dim=2)
+        return self.k, self.v
+
+    @property
+    def length(self) -> int:
+        return 0 if self.k is None else self.k.shape[2]
+
+
+def incremental_mask(positions: torch.Tensor, doc_ids: torch.Tensor | None, window: int | None) -> AttentionMask:
+    """Mask [1, 1, n, S] of the new ``positions`` [n] (the last n of S = positions[-1] + 1) over
+    every position so far: causal, same document (``doc_ids`` [S] of all positions), ``window``."""
+    keys = torch.arange(int(positions[-1]) + 1, device=positions.device)
+    rel = positions[:, None] - keys[None, :]
+    allowed = rel >= 0
+    if window is not None:
+        allowed = allowed & (rel < window)
+    if doc_ids is not None:
+        allowed = allowed & (doc_ids[positions][:, None] == doc_ids[None, :])
+    return AttentionMask(allowed[None, None], None)
+
+
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask) -> torch.Tensor:
     """Masked softmax attention of q [B, H, S, D] over k, v [B, Hkv, S, D] (GQA when Hkv < H)."""
     gqa = k.shape[1] != q.shape[1]
@@ -181,12 +212,16 @@ class SelfAttention(nn.Module):
         self.v_proj = nn.Linear(dim, self.n_kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(n_heads * self.head_dim, dim, bias=False)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: AttentionMask) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: AttentionMask, cache: KVCache | None = None
+    ) -> torch.Tensor:
         b, s, _ = x.shape
-        q = apply_rope(self.q_proj(x).view(b, s, self.n_heads, self.head_dim), *rope)
-        k = apply_rope(self.k_proj(x).view(b, s, self.n_kv_heads, self.head_dim), *rope)
-        v = self.v_proj(x).view(b, s, self.n_kv_heads, self.head_dim)
-        out = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask)
+        q = apply_rope(self.q_proj(x).view(b, s, self.n_heads, self.head_dim), *rope).transpose(1, 2)
+        k = apply_rope(self.k_proj(x).view(b, s, self.n_kv_heads, self.head_dim), *rope).transpose(1, 2)
+        v = self.v_proj(x).view(b, s, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        if cache is not None:
+            k, v = cache.extend(k, v)
+        out = attend(q, k, v, mask)
         return self.o_proj(out.transpose(1, 2).reshape(b, s, -1))
 
     def reset_parameters(self) -> None:
@@ -206,8 +241,12 @@ class TransformerBlock(nn.Module):
         self.post_attention_layernorm = RMSNorm(dim, norm_eps)
         self.mlp = FeedForward(dim, ffn_dim)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: AttentionMask) -> torch.Tensor:
-        h = x + self.self_attn(self.input_layernorm(x), rope, mask)
+    def forward(
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: AttentionMask, cache: KVCache | None = None
+    ) -> torch.Tensor:
+        """``cache``: earlier positions' keys and values; x then holds only the new positions and
+        ``mask`` [B, 1, new, all] relates them to every cached position and to each other."""
+        h = x + self.self_attn(self.input_layernorm(x), rope, mask, cache)
         return h + self.mlp(self.post_attention_layernorm(h))
 
     def reset_parameters(self) -> None:
