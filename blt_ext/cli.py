@@ -493,7 +493,8 @@ def cmd_generate(args):
     except (FileNotFoundError, ValueError, OSError, KeyError) as exc:
         raise CLIError("MODEL", f"not a BLT checkpoint directory: {exc}") from None
     out = model.generate([prompt], args.max_new_bytes, temperature=args.temperature, top_k=args.top_k,
-                         top_p=args.top_p, stop_at_eos=not args.no_stop_at_eos, seed=args.seed)
+                         top_p=args.top_p, stop_at_eos=not args.no_stop_at_eos, seed=args.seed,
+                         use_cache=not args.no_cache)
     if args.json:
         print(json.dumps({"prompt": prompt, "text": out.texts[0], "ids": out.ids[0]}, ensure_ascii=False))
     else:
@@ -616,6 +617,8 @@ def build_parser() -> Parser:
     gen.add_argument("--top-p", type=float_in(0, 1, lo_open=True))
     gen.add_argument("--seed", type=int_at_least(0))
     gen.add_argument("--no-stop-at-eos", action="store_true", help="keep going after an end-of-sequence byte")
+    gen.add_argument("--no-cache", action="store_true",
+                     help="re-run the model over the whole prefix for every byte instead of using KV caches")
     gen.add_argument("--device", type=device_name, default="auto")
     gen.add_argument("--backend", choices=("ext", "torch"), default="ext")
     gen.add_argument("--json", action="store_true")

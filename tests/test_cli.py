@@ -178,6 +178,9 @@ def test_generate_matches_the_model(capsys, blt_dir):
     result = json.loads(out)
     expected = ByteLatentTransformer.from_pretrained(blt_dir).generate(["def "], 6, stop_at_eos=False)
     assert result["ids"] == expected.ids[0] and len(result["ids"]) == 6
+    code, out, err = run(capsys, "generate", blt_dir, "def ", "--max-new-bytes", 6, "--json", "--no-stop-at-eos",
+                         "--no-cache", "--device", "cpu")
+    assert code == 0 and json.loads(out)["ids"] == expected.ids[0], err
     code, out, _ = run(capsys, "generate", blt_dir, "def ", "--max-new-bytes", 3, "--temperature", 0.8,
                        "--top-k", 5, "--seed", 1)
     assert code == 0 and out.startswith("def ")
