@@ -58,7 +58,7 @@ def test_logits_equal_the_full_forward_at_every_step(device, changes):
             torch.testing.assert_close(got[-1], want, atol=1e-4, rtol=1e-4)
         full = model.patch(torch.tensor([tokens], device=device)).patch_lengths
     # the global transformer ran once per complete patch: all but the last (virtual byte) patch
-    assert decoder.patch_outputs.shape[1] == full.shape[1] - 1
+    assert decoder.patch_outputs.length == full.shape[1] - 1
     if changes.get("patching_mode") is None:
         assert 1 < full.shape[1] < len(tokens)  # patches of several bytes: the entropies mattered
 

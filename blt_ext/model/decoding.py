@@ -23,7 +23,7 @@ import torch
 
 from .blt import ByteLatentTransformer, patch_document_ids
 from .entropy_model import EntropyModel
-from .layers import KVCache, document_ids, incremental_mask, rope_angles
+from .layers import GrowingTensor, KVCache, document_ids, incremental_mask, rope_angles
 
 
 class RowDecoder:
@@ -38,9 +38,9 @@ class RowDecoder:
         self.entropies = torch.empty(0, dtype=torch.float32, device=device)
         self.entropy_caches = [KVCache() for _ in entropy_model.layers] if self.cached_entropies else None
         self.encoder_caches = [KVCache() for _ in model.local_encoder.layers]
-        self.encoder_states: list[torch.Tensor] | None = None  # per layer [1, T, De]
+        self.encoder_states = [GrowingTensor(dim=1) for _ in model.local_encoder.layers]  # [1, T, De] each
         self.global_caches = [KVCache() for _ in model.global_transformer.layers]
-        self.patch_outputs: torch.Tensor | None = None  # [1, complete patches, Dg]
+        self.patch_outputs = GrowingTensor(dim=1)  # [1, complete patches, Dg]
         self.decoder_caches = [KVCache() for _ in model.local_decoder.layers]
         self.context = max(model.local_encoder.embedding.ngram_sizes) - 1  # bytes a hash n-gram looks back
 
@@ -91,14 +91,14 @@ class RowDecoder:
         mask = incremental_mask(positions, doc_ids, config.local_attention_window_len)
         rope = rope_angles(positions, encoder.head_dim, encoder.rope_theta)
         new = encoder.byte_states(h, rope, mask, self.encoder_caches)
-        old = self.encoder_states
-        self.encoder_states = new if old is None else [torch.cat(pair, dim=1) for pair in zip(old, new)]
+        for states, layer_new in zip(self.encoder_states, new):
+            states.append(layer_new)
         return new
 
     def _complete_patches(self, row, patch_lengths) -> None:
         """Run the global transformer on the patches that have completed since the last call
         (all but the last patch, which holds the virtual next byte)."""
-        done = 0 if self.patch_outputs is None else self.patch_outputs.shape[1]
+        done = self.patch_outputs.length
         complete = patch_lengths.shape[1] - 1
         if complete <= done:
             return
@@ -106,20 +106,20 @@ class RowDecoder:
         ends = torch.cumsum(patch_lengths[0], 0)
         first_byte, last_byte = int(ends[done] - patch_lengths[0, done]), int(ends[complete - 1])
         lengths = patch_lengths[:, done:complete]
-        slots = encoder.patch_slots([s[:, first_byte:last_byte] for s in self.encoder_states], lengths)
+        slots = encoder.patch_slots([s.value()[:, first_byte:last_byte] for s in self.encoder_states], lengths)
         positions = torch.arange(done, complete, device=row.device)
         doc_ids = patch_document_ids(row, patch_lengths)[0, :complete] if config.global_block_causal else None
         mask = incremental_mask(positions, doc_ids, None)
         x = slots.view(1, complete - done, config.global_input_dim)
         out = self.model.global_transformer.run_layers(x, positions, mask, self.global_caches)
-        self.patch_outputs = out if self.patch_outputs is None else torch.cat([self.patch_outputs, out], dim=1)
+        self.patch_outputs.append(out)
 
     def _decode(self, h, positions, doc_ids, patch_lengths) -> torch.Tensor:
         """Logits of the new bytes. A prompt reads the complete patches through the row's own
         layout; a single new byte t reads patch p(t + 1) - 1 = P - 2, given as the only patch of
         the layout [1, 1] (the byte, then its virtual next byte)."""
         model = self.model
-        outputs = self.patch_outputs
+        outputs = self.patch_outputs.value()
         if positions.numel() == 1:
             patch = patch_lengths.shape[1] - 2
             outputs, patch_lengths = outputs[:, patch : patch + 1], patch_lengths.new_ones(1, 2)

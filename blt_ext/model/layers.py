@@ -79,6 +79,7 @@ class AttentionMask(NamedTuple):
 
     dense: torch.Tensor | None  # [B, 1, S, S] bool, True = attend
     block: object | None  # torch.nn.attention.flex_attention.BlockMask
+    first_key: int = 0  # with a KV cache: the dense mask covers the cached keys from this one on
 
 
 def is_plain_causal(doc_ids: torch.Tensor | None, seq_len: int, window: int | None) -> bool:
@@ -141,35 +142,61 @@ def self_attention_mask(
     return AttentionMask(None, block)
 
 
+class GrowingTensor:
+    """A tensor that grows along one dimension in amortised O(1) per appended position: a
+    buffer whose capacity doubles when full, read through a view of its filled part."""
+
+    def __init__(self, dim: int) -> None:
+        self.dim, self.length = dim, 0
+        self.buffer: torch.Tensor | None = None
+
+    def append(self, x: torch.Tensor) -> torch.Tensor:
+        """Append ``x`` along ``dim``; returns everything so far (a view)."""
+        end = self.length + x.shape[self.dim]
+        if self.buffer is None or end > self.buffer.shape[self.dim]:
+            shape = list(x.shape)
+            shape[self.dim] = max(2 * end, 64)
+            grown = x.new_empty(shape)
+            if self.buffer is not None:
+                grown.narrow(self.dim, 0, self.length).copy_(self.value())
+            self.buffer = grown
+        self.buffer.narrow(self.dim, self.length, end - self.length).copy_(x)
+        self.length = end
+        return self.value()
+
+    def value(self) -> torch.Tensor:
+        return self.buffer.narrow(self.dim, 0, self.length)
+
+
 class KVCache:
     """Keys and values [B, Hkv, S, D] of one attention layer, extended as positions arrive."""
 
     def __init__(self) -> None:
-        self.k: torch.Tensor | None = None
-        self.v: torch.Tensor | None = None
+        self.k, self.v = GrowingTensor(dim=2), GrowingTensor(dim=2)
 
-    def extend(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Append the new positions' k, v; returns all keys and values so far."""
-        self.k = k if self.k is None else torch.cat([self.k, k], dim=2)
-        self.v = v if self.v is None else torch.cat([self.v, v], dim=2)
-        return self.k, self.v
+    def extend(self, k: torch.Tensor, v: torch.Tensor, first_key: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append the new positions' k, v; returns the keys and values from ``first_key`` on."""
+        k, v = self.k.append(k), self.v.append(v)
+        return k[:, :, first_key:], v[:, :, first_key:]
 
     @property
     def length(self) -> int:
-        return 0 if self.k is None else self.k.shape[2]
+        return self.k.length
 
 
 def incremental_mask(positions: torch.Tensor, doc_ids: torch.Tensor | None, window: int | None) -> AttentionMask:
-    """Mask [1, 1, n, S] of the new ``positions`` [n] (the last n of S = positions[-1] + 1) over
-    every position so far: causal, same document (``doc_ids`` [S] of all positions), ``window``."""
-    keys = torch.arange(int(positions[-1]) + 1, device=positions.device)
+    """Mask [1, 1, n, S - first] of the new ``positions`` [n] (the last n of S = positions[-1] + 1)
+    over the positions so far that the window lets them see (from ``first`` on): causal, same
+    document (``doc_ids`` [S] of all positions), at most ``window`` keys back."""
+    first = 0 if window is None else max(0, int(positions[0]) - window + 1)
+    keys = torch.arange(first, int(positions[-1]) + 1, device=positions.device)
     rel = positions[:, None] - keys[None, :]
     allowed = rel >= 0
     if window is not None:
         allowed = allowed & (rel < window)
     if doc_ids is not None:
-        allowed = allowed & (doc_ids[positions][:, None] == doc_ids[None, :])
-    return AttentionMask(allowed[None, None], None)
+        allowed = allowed & (doc_ids[positions][:, None] == doc_ids[None, first:])
+    return AttentionMask(allowed[None, None], None, first)
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask) -> torch.Tensor:
@@ -220,7 +247,7 @@ class SelfAttention(nn.Module):
         k = apply_rope(self.k_proj(x).view(b, s, self.n_kv_heads, self.head_dim), *rope).transpose(1, 2)
         v = self.v_proj(x).view(b, s, self.n_kv_heads, self.head_dim).transpose(1, 2)
         if cache is not None:
-            k, v = cache.extend(k, v)
+            k, v = cache.extend(k, v, mask.first_key)
         out = attend(q, k, v, mask)
         return self.o_proj(out.transpose(1, 2).reshape(b, s, -1))
 
