@@ -35,6 +35,7 @@ CONFIGS = {
     "max patch length 3, monotonic": {"max_patch_length": 3, "monotonicity": True, "patching_threshold": 0.1},
     "space patching": {"patching_mode": "space"},
     "byte patching": {"patching_mode": "byte"},
+    "static patching": {"patching_mode": "static", "patch_size": 3},
 }
 
 
