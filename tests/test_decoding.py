@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from blt_ext.model import ByteLatentTransformer, ByteTokenizer, preset
-from blt_ext.model.decoding import RowDecoder
+from blt_ext.model.decoding import BatchDecoder
 from blt_ext.model.generate import generate
 
 TOK = ByteTokenizer()
@@ -29,6 +29,7 @@ def blt(device="cpu", **changes):
 
 CONFIGS = {
     "default": {},
+    "global block-causal at EOS patches": {"global_block_causal": True},
     "windows bind": {"local_attention_window_len": 7, "entropy_window": 5},
     "cross-attention in all layers": {"cross_attn_all_layers_encoder": True, "cross_attn_all_layers_decoder": True,
                                       "n_layers_local_encoder": 2},
@@ -41,46 +42,49 @@ CONFIGS = {
 
 @pytest.mark.parametrize("changes", CONFIGS.values(), ids=CONFIGS.keys())
 def test_logits_equal_the_full_forward_at_every_step(device, changes):
+    """Three rows of different lengths (one with an EOS inside: documents split the local masks
+    and the global block-causal mask) step together; row 1 sits out some steps."""
     model = blt(device, **changes)
-    # an EOS inside the prompt: documents split the local masks and the global block-causal mask
-    prompt = TOK.encode("a first document", add_eos=True) + TOK.encode(PROMPT, add_eos=False)
+    prompts = [
+        TOK.encode("a first document", add_eos=True) + TOK.encode(PROMPT, add_eos=False),
+        TOK.encode("BLT", add_eos=False),
+        TOK.encode(PROMPT * 2, add_eos=False),
+    ]
     g = torch.Generator().manual_seed(0)
-    continuation = torch.randint(4, 260, (40,), generator=g).tolist()
-    decoder = RowDecoder(model)
+    decoder = BatchDecoder(model, len(prompts))
     with torch.inference_mode():
-        got = decoder.extend(torch.tensor(prompt, device=device))
-        want = model(torch.tensor([prompt], device=device))[0]
-        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
-        tokens = list(prompt)
-        for byte in continuation:
-            tokens.append(byte)
-            got = decoder.extend(torch.tensor([byte], device=device))
-            want = model(torch.tensor([tokens], device=device))[0, -1]
-            torch.testing.assert_close(got[-1], want, atol=1e-4, rtol=1e-4)
-        full = model.patch(torch.tensor([tokens], device=device)).patch_lengths
-    # the global transformer ran once per complete patch: all but the last (virtual byte) patch
-    assert decoder.patch_outputs.length == full.shape[1] - 1
-    if changes.get("patching_mode") is None:
-        assert 1 < full.shape[1] < len(tokens)  # patches of several bytes: the entropies mattered
+        for row, prompt in enumerate(prompts):
+            got = decoder.prefill(row, torch.tensor(prompt, device=device))
+            torch.testing.assert_close(got, model(torch.tensor([prompt], device=device))[0], atol=1e-4, rtol=1e-4)
+        for step in range(40):
+            rows = [0, 2] if step % 3 == 1 else [0, 1, 2]
+            new = torch.randint(4, 260, (len(rows),), generator=g)
+            for row, byte in zip(rows, new.tolist()):
+                prompts[row].append(byte)
+            got = decoder.step(rows, new.to(device))
+            for i, row in enumerate(rows):
+                want = model(torch.tensor([prompts[row]], device=device))[0, -1]
+                torch.testing.assert_close(got[i], want, atol=1e-4, rtol=1e-4, msg=f"row {row}, step {step}")
+        for row, tokens in enumerate(prompts):
+            full = model.patch(torch.tensor([tokens], device=device)).patch_lengths
+            assert torch.equal(decoder.patch_lengths(row), full)
+            # the global transformer ran once per complete patch: all but the last (virtual byte) one
+            assert decoder.complete_patches(row) == full.shape[1] - 1
+            if changes.get("patching_mode") is None and row != 1:
+                assert 1 < full.shape[1] < len(tokens) - 8  # patches of several bytes: entropies mattered
 
 
-def test_several_bytes_after_the_prompt_are_taken_one_by_one(device):
-    model = blt(device)
-    ids = torch.tensor(TOK.encode(PROMPT, add_eos=False), device=device)
-    with torch.inference_mode():
-        whole = RowDecoder(model).extend(ids)
-        parts = RowDecoder(model)
-        first = parts.extend(ids[:5])
-        rest = parts.extend(ids[5:])
-    torch.testing.assert_close(torch.cat([first, rest]), whole, atol=1e-4, rtol=1e-4)
-
-
-def test_bad_new_ids_are_refused(device):
-    decoder = RowDecoder(blt(device))
-    with pytest.raises(ValueError, match=r"new_ids must be 1-D and non-empty, got shape \(0,\)"):
-        decoder.extend(torch.tensor([], dtype=torch.long))
-    with pytest.raises(ValueError, match=r"got shape \(1, 2\)"):
-        decoder.extend(torch.tensor([[1, 2]]))
+def test_bad_calls_are_refused(device):
+    decoder = BatchDecoder(blt(device), 2)
+    with pytest.raises(ValueError, match=r"ids must be 1-D and non-empty, got shape \(0,\)"):
+        decoder.prefill(0, torch.tensor([], dtype=torch.long))
+    with pytest.raises(ValueError, match=r"rows must be distinct and prefilled, got \[0\]"):
+        decoder.step([0], torch.tensor([5]))
+    decoder.prefill(0, torch.tensor([1, 5, 6]))
+    with pytest.raises(ValueError, match=r"row 0 already holds 3 bytes; use step"):
+        decoder.prefill(0, torch.tensor([7]))
+    with pytest.raises(ValueError, match=r"ids must be \[1\] \(one per row\), got \(2,\)"):
+        decoder.step([0], torch.tensor([5, 6]))
 
 
 @pytest.mark.parametrize("sampling", [{}, {"temperature": 0.8, "top_k": 20, "seed": 3}], ids=["greedy", "sampled"])

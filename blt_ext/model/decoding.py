@@ -1,9 +1,9 @@
-"""KV-cached BLT decoding, one row at a time.
+"""KV-cached BLT decoding for a batch of rows.
 
 A new byte costs one position in the entropy model, the local encoder and the local decoder,
 and one position in the global transformer each time a patch completes, instead of a forward
-over the whole prefix. It gives the logits of the full forward because everything the last byte
-reads is final once computed:
+over the whole prefix; the rows of a batch take their step together. It gives the logits of the
+full forward because everything the last byte reads is final once computed:
 
 - every self-attention is causal (window and documents included), so earlier positions' keys
   and values never change;
@@ -20,111 +20,166 @@ Arithmetic differs from the full forward only in summation order (other matrix s
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from .blt import ByteLatentTransformer, patch_document_ids
 from .entropy_model import EntropyModel
 from .layers import GrowingTensor, KVCache, document_ids, incremental_mask, rope_angles
+from .tokenizer import BOE_ID
 
 
-class RowDecoder:
-    """The caches of one sequence; :meth:`extend` appends bytes and returns their next-byte logits."""
+class _Row:
+    """What one row keeps besides the attention caches: its bytes, entropies, patch layout, the
+    encoder's byte states (they feed the slots of the patch being built) and global outputs."""
 
-    def __init__(self, model: ByteLatentTransformer):
-        self.model = model
-        device = model.lm_head.weight.device
-        self.tokens = torch.empty(0, dtype=torch.long, device=device)
-        patcher, entropy_model = model.patcher, model.entropy_model
-        self.cached_entropies = patcher.mode == "entropy" and isinstance(entropy_model, EntropyModel)
-        self.entropies = torch.empty(0, dtype=torch.float32, device=device)
-        self.entropy_caches = [KVCache() for _ in entropy_model.layers] if self.cached_entropies else None
-        self.encoder_caches = [KVCache() for _ in model.local_encoder.layers]
-        self.encoder_states = [GrowingTensor(dim=1) for _ in model.local_encoder.layers]  # [1, T, De] each
-        self.global_caches = [KVCache() for _ in model.global_transformer.layers]
+    def __init__(self, encoder_layers: int):
+        self.tokens = GrowingTensor(dim=0)
+        self.entropies = GrowingTensor(dim=0)
+        self.encoder_states = [GrowingTensor(dim=1) for _ in range(encoder_layers)]  # [1, T, De] each
         self.patch_outputs = GrowingTensor(dim=1)  # [1, complete patches, Dg]
-        self.decoder_caches = [KVCache() for _ in model.local_decoder.layers]
+        self.patch_lengths: torch.Tensor | None = None  # [1, P], summing to T + 1
+
+
+class BatchDecoder:
+    """KV caches for ``rows`` sequences. :meth:`prefill` takes a row's prompt, :meth:`step` one
+    new byte for each of several rows at once; both return next-byte logits."""
+
+    def __init__(self, model: ByteLatentTransformer, rows: int = 1):
+        self.model = model
+        self.device = model.lm_head.weight.device
+        entropy_model = model.entropy_model
+        self.cached_entropies = model.patcher.mode == "entropy" and isinstance(entropy_model, EntropyModel)
+        self.entropy_caches = [KVCache(rows) for _ in entropy_model.layers] if self.cached_entropies else []
+        self.encoder_caches = [KVCache(rows) for _ in model.local_encoder.layers]
+        self.global_caches = [KVCache(rows) for _ in model.global_transformer.layers]
+        self.decoder_caches = [KVCache(rows) for _ in model.local_decoder.layers]
+        self.rows = [_Row(len(model.local_encoder.layers)) for _ in range(rows)]
         self.context = max(model.local_encoder.embedding.ngram_sizes) - 1  # bytes a hash n-gram looks back
 
-    @property
-    def length(self) -> int:
-        return self.tokens.shape[0]
+    def length(self, row: int) -> int:
+        return self.rows[row].tokens.length
 
-    def extend(self, new_ids: torch.Tensor) -> torch.Tensor:
-        """fp32 logits [n, V] of the bytes after each of the ``new_ids`` [n] appended to the sequence.
+    def patch_lengths(self, row: int) -> torch.Tensor:
+        """[1, P] patch lengths of the row so far (summing to its length + 1)."""
+        return self.rows[row].patch_lengths
 
-        The first call takes the whole prompt at once; later calls go one byte at a time.
-        """
-        if new_ids.dim() != 1 or new_ids.numel() == 0:
-            raise ValueError(f"RowDecoder.extend: new_ids must be 1-D and non-empty, got shape {tuple(new_ids.shape)}")
-        if self.length > 0 and new_ids.numel() > 1:
-            return torch.cat([self.extend(new_ids[i : i + 1]) for i in range(new_ids.numel())])
-        start = self.length
-        self.tokens = torch.cat([self.tokens, new_ids.to(self.tokens.device, torch.long)])
-        row = self.tokens[None]
-        positions = torch.arange(start, self.length, device=row.device)
-        doc_ids = document_ids(row)[0]
-        patch_lengths = self._patch_lengths(row, positions, doc_ids)
-        states = self._encode_bytes(row, positions, doc_ids)
-        self._complete_patches(row, patch_lengths)
-        return self._decode(states[-1], positions, doc_ids, patch_lengths)
+    def complete_patches(self, row: int) -> int:
+        return self.rows[row].patch_outputs.length
 
-    def _patch_lengths(self, row, positions, doc_ids) -> torch.Tensor:
-        """[1, P] lengths of the whole row (summing to T + 1), from the cached entropies."""
+    def prefill(self, row: int, ids: torch.Tensor) -> torch.Tensor:
+        """fp32 logits [n, V] after each of the prompt ``ids`` [n] of an empty ``row``."""
+        if ids.dim() != 1 or ids.numel() == 0:
+            raise ValueError(f"BatchDecoder.prefill: ids must be 1-D and non-empty, got shape {tuple(ids.shape)}")
+        if self.length(row) > 0:
+            raise ValueError(f"BatchDecoder.prefill: row {row} already holds {self.length(row)} bytes; use step")
+        return self._advance([row], ids[None])[0]
+
+    def step(self, rows: list[int], ids: torch.Tensor) -> torch.Tensor:
+        """fp32 logits [R, V] after appending ``ids`` [R] (one byte each) to ``rows`` (prefilled)."""
+        if ids.shape != (len(rows),):
+            raise ValueError(f"BatchDecoder.step: ids must be [{len(rows)}] (one per row), got {tuple(ids.shape)}")
+        if any(self.length(r) == 0 for r in rows) or len(set(rows)) != len(rows):
+            raise ValueError(f"BatchDecoder.step: rows must be distinct and prefilled, got {rows}")
+        return self._advance(rows, ids[:, None])[:, 0]
+
+    # Either one row with n new bytes (a prompt) or R rows with one new byte each.
+    def _advance(self, rows: list[int], ids: torch.Tensor) -> torch.Tensor:
+        ids = ids.to(self.device, torch.long)
+        states = [self.rows[r] for r in rows]
+        starts = torch.tensor([s.tokens.length for s in states], device=self.device)
+        positions = starts[:, None] + torch.arange(ids.shape[1], device=self.device)
+        for state, new in zip(states, ids):
+            state.tokens.append(new)
+        tokens = self._padded([s.tokens.value() for s in states], BOE_ID)
+        doc_ids = document_ids(tokens)
+        self._patch(rows, states, ids, positions, doc_ids)
+        byte_states = self._encode(rows, states, positions, doc_ids)
+        self._complete_patches(rows, states)
+        return self._decode(rows, states, byte_states[-1], positions, doc_ids)
+
+    def _padded(self, rows: list[torch.Tensor], value) -> torch.Tensor:
+        width = max(r.shape[-1] for r in rows)
+        return torch.stack([F.pad(r, (0, width - r.shape[-1]), value=value) for r in rows])
+
+    def _patch(self, rows, states, ids, positions, doc_ids) -> None:
+        """Each row's patch layout, from its cached entropies (or the patcher on its bytes)."""
         patcher = self.model.patcher
         if self.cached_entropies:
             entropy_model = self.model.entropy_model
             mask = incremental_mask(positions, doc_ids, entropy_model.config.sliding_window)
-            logits = entropy_model.run_layers(row[:, positions], positions, mask, self.entropy_caches)
-            self.entropies = torch.cat([self.entropies, patcher.ops.entropy(logits)[0]])
-            starts = patcher.ops.entropy_patch_starts(
-                self.entropies[None], patcher.threshold, patcher.threshold_add, patcher.monotonicity, True
-            )
-            layout = patcher.ops.patch_layout(starts, True, patcher.max_patch_length)
-        else:
-            layout = patcher(row, include_next_token=True)
-        return layout.patch_lengths[:, : int(layout.patch_counts[0])]
+            caches = [c.select(rows) for c in self.entropy_caches]
+            entropies = patcher.ops.entropy(entropy_model.run_layers(ids, positions, mask, caches))
+        for i, state in enumerate(states):
+            if self.cached_entropies:
+                state.entropies.append(entropies[i])
+                starts = patcher.ops.entropy_patch_starts(
+                    state.entropies.value()[None], patcher.threshold, patcher.threshold_add, patcher.monotonicity, True
+                )
+                layout = patcher.ops.patch_layout(starts, True, patcher.max_patch_length)
+            else:
+                layout = patcher(state.tokens.value()[None], include_next_token=True)
+            state.patch_lengths = layout.patch_lengths[:, : int(layout.patch_counts[0])]
 
-    def _encode_bytes(self, row, positions, doc_ids) -> list[torch.Tensor]:
+    def _encode(self, rows, states, positions, doc_ids) -> list[torch.Tensor]:
+        """Every encoder layer's states [R, n, De] of the new bytes (also kept per row)."""
         encoder, config = self.model.local_encoder, self.model.config
-        first = int(positions[0])
-        window = row[:, max(0, first - self.context) :]  # the new bytes' n-grams reach back this far
-        h = encoder.embedding(window)[:, window.shape[1] - positions.numel() :]
+        n = positions.shape[1]
+        # the new bytes' hash n-grams reach `context` bytes back; before a row's start they see
+        # BOE, the hash's own left padding
+        windows = [s.tokens.value()[max(0, s.tokens.length - n - self.context) :] for s in states]
+        width = n + self.context
+        windows = torch.stack([F.pad(w, (width - w.shape[0], 0), value=BOE_ID) for w in windows])
+        h = encoder.embedding(windows)[:, self.context :]
         mask = incremental_mask(positions, doc_ids, config.local_attention_window_len)
         rope = rope_angles(positions, encoder.head_dim, encoder.rope_theta)
-        new = encoder.byte_states(h, rope, mask, self.encoder_caches)
-        for states, layer_new in zip(self.encoder_states, new):
-            states.append(layer_new)
+        new = encoder.byte_states(h, rope, mask, [c.select(rows) for c in self.encoder_caches])
+        for i, state in enumerate(states):
+            for kept, layer_states in zip(state.encoder_states, new):
+                kept.append(layer_states[i : i + 1])
         return new
 
-    def _complete_patches(self, row, patch_lengths) -> None:
-        """Run the global transformer on the patches that have completed since the last call
-        (all but the last patch, which holds the virtual next byte)."""
-        done = self.patch_outputs.length
-        complete = patch_lengths.shape[1] - 1
-        if complete <= done:
-            return
+    def _complete_patches(self, rows, states) -> None:
+        """The global transformer on the patches completed by the new bytes: all but each row's
+        last patch (it holds the virtual next byte). A prompt may complete many; a step at most
+        one per row, and those rows run together."""
         encoder, config = self.model.local_encoder, self.model.config
-        ends = torch.cumsum(patch_lengths[0], 0)
-        first_byte, last_byte = int(ends[done] - patch_lengths[0, done]), int(ends[complete - 1])
-        lengths = patch_lengths[:, done:complete]
-        slots = encoder.patch_slots([s.value()[:, first_byte:last_byte] for s in self.encoder_states], lengths)
-        positions = torch.arange(done, complete, device=row.device)
-        doc_ids = patch_document_ids(row, patch_lengths)[0, :complete] if config.global_block_causal else None
-        mask = incremental_mask(positions, doc_ids, None)
-        x = slots.view(1, complete - done, config.global_input_dim)
-        out = self.model.global_transformer.run_layers(x, positions, mask, self.global_caches)
-        self.patch_outputs.append(out)
+        ready, xs, positions, doc_ids = [], [], [], []
+        for row, state in zip(rows, states):
+            done, complete = state.patch_outputs.length, state.patch_lengths.shape[1] - 1
+            if complete <= done:
+                continue
+            lengths = state.patch_lengths[0]
+            ends = torch.cumsum(lengths, 0)
+            first, last = int(ends[done] - lengths[done]), int(ends[complete - 1])
+            byte_states = [s.value()[:, first:last] for s in state.encoder_states]
+            slots = encoder.patch_slots(byte_states, state.patch_lengths[:, done:complete])
+            ready.append((row, state))
+            xs.append(slots.view(1, complete - done, config.global_input_dim))
+            positions.append(torch.arange(done, complete, device=self.device))
+            if config.global_block_causal:
+                doc_ids.append(patch_document_ids(state.tokens.value()[None], state.patch_lengths)[0, :complete])
+        if not ready:
+            return
+        positions = torch.stack(positions)
+        mask = incremental_mask(positions, self._padded(doc_ids, -1) if doc_ids else None, None)
+        caches = [c.select([row for row, _ in ready]) for c in self.global_caches]
+        out = self.model.global_transformer.run_layers(torch.cat(xs), positions, mask, caches)
+        for i, (_, state) in enumerate(ready):
+            state.patch_outputs.append(out[i : i + 1])
 
-    def _decode(self, h, positions, doc_ids, patch_lengths) -> torch.Tensor:
-        """Logits of the new bytes. A prompt reads the complete patches through the row's own
-        layout; a single new byte t reads patch p(t + 1) - 1 = P - 2, given as the only patch of
-        the layout [1, 1] (the byte, then its virtual next byte)."""
+    def _decode(self, rows, states, h, positions, doc_ids) -> torch.Tensor:
+        """Logits [R, n, V] of the new bytes. A prompt reads the complete patches through the
+        row's own layout; a single new byte t reads patch p(t + 1) - 1 = P - 2, given as the
+        only patch of the layout [1, 1] (the byte, then its virtual next byte)."""
         model = self.model
-        outputs = self.patch_outputs.value()
-        if positions.numel() == 1:
-            patch = patch_lengths.shape[1] - 2
-            outputs, patch_lengths = outputs[:, patch : patch + 1], patch_lengths.new_ones(1, 2)
+        if positions.shape[1] > 1:
+            (state,) = states
+            outputs, patch_lengths = state.patch_outputs.value(), state.patch_lengths
+        else:
+            outputs = torch.cat([s.patch_outputs.value()[:, -1:] for s in states])  # patch P - 2 of each row
+            patch_lengths = torch.ones(len(rows), 2, dtype=torch.long, device=self.device)
         # the last patch's output is never read (no byte's p(t + 1) - 1 reaches it): zeros
-        patches = torch.cat([outputs, outputs.new_zeros(1, 1, outputs.shape[2])], dim=1)
+        patches = torch.cat([outputs, outputs.new_zeros(outputs.shape[0], 1, outputs.shape[2])], dim=1)
         mask = incremental_mask(positions, doc_ids, model.config.local_attention_window_len)
-        out = model.local_decoder(h, patches, patch_lengths, mask, positions, self.decoder_caches)
-        return model.lm_head(out).float()[0]
+        caches = [c.select(rows) for c in self.decoder_caches]
+        return model.lm_head(model.local_decoder(h, patches, patch_lengths, mask, positions, caches)).float()

@@ -1,7 +1,7 @@
 """Batched byte generation with per-row state, KV-cached or not.
 
-Cached (the default): each row keeps its own caches (:class:`blt_ext.model.decoding.RowDecoder`),
-takes its prompt in one pass and then one byte per step. Uncached (``use_cache=False``): each
+Cached (the default, :class:`blt_ext.model.decoding.BatchDecoder`): each row takes its prompt in
+one pass, then the unfinished rows take one byte per step together. Uncached (``use_cache=False``): each
 step runs the entropy model and the BLT on every unfinished row's whole prefix, as the original
 ``generate_nocache`` does. Either way each row is patched on its own (right padding never
 reaches a real byte: every mask is causal and patches are decided per row), so a row's output
@@ -17,7 +17,7 @@ from typing import NamedTuple
 import torch
 
 from .blt import ByteLatentTransformer
-from .decoding import RowDecoder
+from .decoding import BatchDecoder
 from .tokenizer import BOE_ID, EOS_ID, ByteTokenizer
 
 Prompt = str | bytes | Sequence[int] | torch.Tensor
@@ -68,13 +68,22 @@ def next_logits(model, state: GenerationState, rows: torch.Tensor) -> torch.Tens
     return logits[torch.arange(len(rows), device=logits.device), lengths - 1]
 
 
-def cached_next_logits(decoders: list[RowDecoder], state: GenerationState, rows: torch.Tensor) -> torch.Tensor:
-    """[R, V] logits of the next byte of ``rows``: each row's decoder takes the bytes it has not seen."""
-    out = []
-    for row, length in zip(rows.tolist(), state.lengths[rows].tolist()):
-        decoder = decoders[row]
-        out.append(decoder.extend(state.tokens[row, decoder.length : length])[-1])
-    return torch.stack(out)
+def cached_next_logits(decoder: BatchDecoder, state: GenerationState, rows: torch.Tensor) -> torch.Tensor:
+    """[R, V] logits of the next byte of ``rows``: new rows prefill their prompts, the others
+    take their last byte together."""
+    rows, lengths = rows.tolist(), state.lengths[rows].tolist()
+    logits = {}
+    stepping = []
+    for row, length in zip(rows, lengths):
+        if decoder.length(row) == 0:
+            logits[row] = decoder.prefill(row, state.tokens[row, :length])[-1]
+        else:
+            stepping.append((row, length - 1))
+    if stepping:
+        step_rows = [row for row, _ in stepping]
+        last = torch.stack([state.tokens[row, at] for row, at in stepping])
+        logits.update(zip(step_rows, decoder.step(step_rows, last)))
+    return torch.stack([logits[row] for row in rows])
 
 
 def sample_next(
@@ -154,12 +163,12 @@ def generate(
         use_cache = isinstance(model, ByteLatentTransformer)
     elif use_cache and not isinstance(model, ByteLatentTransformer):
         raise ValueError(f"generate: use_cache=True needs a ByteLatentTransformer, got {type(model).__name__}")
-    decoders = [RowDecoder(model) for _ in prompt_ids] if use_cache else None
+    decoder = BatchDecoder(model, len(prompt_ids)) if use_cache else None
     for _ in range(max_new_bytes):
         rows = state.active_rows()
         if len(rows) == 0:
             break
-        logits = cached_next_logits(decoders, state, rows) if use_cache else next_logits(model, state, rows)
+        logits = cached_next_logits(decoder, state, rows) if use_cache else next_logits(model, state, rows)
         next_ids = sample_next(logits, temperature, top_k, top_p, generator)
         state.append(rows, next_ids, stop_at_eos)
     tokenizer = ByteTokenizer()

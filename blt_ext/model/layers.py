@@ -169,34 +169,68 @@ class GrowingTensor:
 
 
 class KVCache:
-    """Keys and values [B, Hkv, S, D] of one attention layer, extended as positions arrive."""
+    """Keys and values [R, Hkv, capacity, D] of one attention layer for R rows, each row filled
+    to its own length. Capacity doubles when needed; unused entries stay zero, so the masked
+    keys of shorter rows never bring NaN into the attention."""
 
-    def __init__(self) -> None:
-        self.k, self.v = GrowingTensor(dim=2), GrowingTensor(dim=2)
+    def __init__(self, rows: int = 1) -> None:
+        self.lengths = [0] * rows
+        self.k: torch.Tensor | None = None
+        self.v: torch.Tensor | None = None
+        self.rows = [0]
+
+    def select(self, rows: list[int]) -> KVCache:
+        """The rows the next :meth:`extend` appends to (in its batch order); returns self."""
+        self.rows = rows
+        return self
 
     def extend(self, k: torch.Tensor, v: torch.Tensor, first_key: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        """Append the new positions' k, v; returns the keys and values from ``first_key`` on."""
-        k, v = self.k.append(k), self.v.append(v)
-        return k[:, :, first_key:], v[:, :, first_key:]
+        """Append k, v [R', Hkv, n, D] at each selected row's length (n new positions for one
+        row, or one for each of several rows); returns the selected rows' keys and values from
+        position ``first_key`` to the longest row's end."""
+        rows, n = self.rows, k.shape[2]
+        starts = [self.lengths[r] for r in rows]
+        end = max(starts) + n
+        self._reserve(k, end)
+        if len(rows) == 1:
+            (row,), (start,) = rows, starts
+            self.k[row, :, start:end], self.v[row, :, start:end] = k[0], v[0]
+            picked = slice(row, row + 1)
+        else:
+            if n != 1:
+                raise ValueError(f"KVCache.extend: several rows take one position each, got {n}")
+            index = torch.tensor(rows, device=k.device)
+            at = torch.tensor(starts, device=k.device)
+            self.k[index, :, at], self.v[index, :, at] = k[:, :, 0], v[:, :, 0]
+            picked = slice(None) if rows == list(range(len(self.lengths))) else index  # all rows: a view
+        for row in rows:
+            self.lengths[row] += n
+        return self.k[picked, :, first_key:end], self.v[picked, :, first_key:end]
 
-    @property
-    def length(self) -> int:
-        return self.k.length
+    def _reserve(self, like: torch.Tensor, end: int) -> None:
+        if self.k is not None and end <= self.k.shape[2]:
+            return
+        shape = (len(self.lengths), like.shape[1], max(2 * end, 64), like.shape[3])
+        k, v = like.new_zeros(shape), like.new_zeros(shape)
+        if self.k is not None:
+            k[:, :, : self.k.shape[2]], v[:, :, : self.v.shape[2]] = self.k, self.v
+        self.k, self.v = k, v
 
 
 def incremental_mask(positions: torch.Tensor, doc_ids: torch.Tensor | None, window: int | None) -> AttentionMask:
-    """Mask [1, 1, n, S - first] of the new ``positions`` [n] (the last n of S = positions[-1] + 1)
-    over the positions so far that the window lets them see (from ``first`` on): causal, same
-    document (``doc_ids`` [S] of all positions), at most ``window`` keys back."""
-    first = 0 if window is None else max(0, int(positions[0]) - window + 1)
-    keys = torch.arange(first, int(positions[-1]) + 1, device=positions.device)
-    rel = positions[:, None] - keys[None, :]
+    """Mask [R, 1, n, S - first] of the new ``positions`` [R, n] of R rows over the positions so
+    far (S = the largest position + 1) that a window lets them see (from ``first`` on): causal,
+    same document (``doc_ids`` [R, >= S] of every position), at most ``window`` keys back."""
+    first = 0 if window is None else max(0, int(positions.min()) - window + 1)
+    keys = torch.arange(first, int(positions.max()) + 1, device=positions.device)
+    rel = positions[..., None] - keys
     allowed = rel >= 0
     if window is not None:
         allowed = allowed & (rel < window)
     if doc_ids is not None:
-        allowed = allowed & (doc_ids[positions][:, None] == doc_ids[None, first:])
-    return AttentionMask(allowed[None, None], None, first)
+        query_docs = doc_ids.gather(1, positions)
+        allowed = allowed & (query_docs[..., None] == doc_ids[:, None, first : first + keys.numel()])
+    return AttentionMask(allowed[:, None], None, first)
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask) -> torch.Tensor:
