@@ -66,6 +66,7 @@ class BatchDecoder:
     def complete_patches(self, row: int) -> int:
         return self.rows[row].patch_outputs.length
 
+    @torch.inference_mode()
     def prefill(self, row: int, ids: torch.Tensor) -> torch.Tensor:
         """fp32 logits [n, V] after each of the prompt ``ids`` [n] of an empty ``row``."""
         if ids.dim() != 1 or ids.numel() == 0:
@@ -74,6 +75,7 @@ class BatchDecoder:
             raise ValueError(f"BatchDecoder.prefill: row {row} already holds {self.length(row)} bytes; use step")
         return self._advance([row], ids[None])[0]
 
+    @torch.inference_mode()
     def step(self, rows: list[int], ids: torch.Tensor) -> torch.Tensor:
         """fp32 logits [R, V] after appending ``ids`` [R] (one byte each) to ``rows`` (prefilled)."""
         if ids.shape != (len(rows),):
