@@ -75,7 +75,15 @@ def test_logits_equal_the_full_forward_at_every_step(device, changes):
 
 
 def test_bad_calls_are_refused(device):
+    with pytest.raises(ValueError, match=r"rows must be >= 1, got 0"):
+        BatchDecoder(blt(device), 0)
+    with pytest.raises(TypeError, match=r"model must be a ByteLatentTransformer, got Linear"):
+        BatchDecoder(torch.nn.Linear(2, 2))
     decoder = BatchDecoder(blt(device), 2)
+    with pytest.raises(ValueError, match=r"prefill: rows must be indices in \[0, 2\), got \[2\]"):
+        decoder.prefill(2, torch.tensor([1, 5]))
+    with pytest.raises(ValueError, match=r"step: rows must be indices in \[0, 2\), got \[\]"):
+        decoder.step([], torch.tensor([], dtype=torch.long))
     with pytest.raises(ValueError, match=r"ids must be 1-D and non-empty, got shape \(0,\)"):
         decoder.prefill(0, torch.tensor([], dtype=torch.long))
     with pytest.raises(ValueError, match=r"rows must be distinct and prefilled, got \[0\]"):

@@ -45,6 +45,10 @@ class BatchDecoder:
     new byte for each of several rows at once; both return next-byte logits."""
 
     def __init__(self, model: ByteLatentTransformer, rows: int = 1):
+        if not isinstance(model, ByteLatentTransformer):
+            raise TypeError(f"BatchDecoder: model must be a ByteLatentTransformer, got {type(model).__name__}")
+        if rows < 1:
+            raise ValueError(f"BatchDecoder: rows must be >= 1, got {rows}")
         self.model = model
         self.device = model.lm_head.weight.device
         entropy_model = model.entropy_model
@@ -69,6 +73,7 @@ class BatchDecoder:
     @torch.inference_mode()
     def prefill(self, row: int, ids: torch.Tensor) -> torch.Tensor:
         """fp32 logits [n, V] after each of the prompt ``ids`` [n] of an empty ``row``."""
+        self._check_rows("prefill", [row])
         if ids.dim() != 1 or ids.numel() == 0:
             raise ValueError(f"BatchDecoder.prefill: ids must be 1-D and non-empty, got shape {tuple(ids.shape)}")
         if self.length(row) > 0:
@@ -78,11 +83,16 @@ class BatchDecoder:
     @torch.inference_mode()
     def step(self, rows: list[int], ids: torch.Tensor) -> torch.Tensor:
         """fp32 logits [R, V] after appending ``ids`` [R] (one byte each) to ``rows`` (prefilled)."""
+        self._check_rows("step", rows)
         if ids.shape != (len(rows),):
             raise ValueError(f"BatchDecoder.step: ids must be [{len(rows)}] (one per row), got {tuple(ids.shape)}")
         if any(self.length(r) == 0 for r in rows) or len(set(rows)) != len(rows):
             raise ValueError(f"BatchDecoder.step: rows must be distinct and prefilled, got {rows}")
         return self._advance(rows, ids[:, None])[:, 0]
+
+    def _check_rows(self, where: str, rows: list[int]) -> None:
+        if not rows or any(not 0 <= r < len(self.rows) for r in rows):
+            raise ValueError(f"BatchDecoder.{where}: rows must be indices in [0, {len(self.rows)}), got {rows}")
 
     # Either one row with n new bytes (a prompt) or R rows with one new byte each.
     def _advance(self, rows: list[int], ids: torch.Tensor) -> torch.Tensor:
