@@ -5,8 +5,9 @@ import json
 import pytest
 import torch
 
-from blt_ext.cli import main, split_patches
-from blt_ext.model import ByteLatentTransformer, EntropyModel, preset
+from blt_ext.cli import TextStream, main, split_patches
+from blt_ext.model import EOS_ID, ByteLatentTransformer, EntropyModel, preset
+from blt_ext.model.tokenizer import OFFSET
 from blt_ext.train import Trainer, load_checkpoint, save_entropy_model
 
 TEXT = "def add(a, b):\n    return a + b  # the sum, naïvely\n"
@@ -184,6 +185,22 @@ def test_generate_matches_the_model(capsys, blt_dir):
     code, out, _ = run(capsys, "generate", blt_dir, "def ", "--max-new-bytes", 3, "--temperature", 0.8,
                        "--top-k", 5, "--seed", 1)
     assert code == 0 and out.startswith("def ")
+    # text mode streams the bytes as they come; what it prints in the end is prompt + text
+    code, out, _ = run(capsys, "generate", blt_dir, "def ", "--max-new-bytes", 6, "--no-stop-at-eos",
+                       "--device", "cpu")
+    assert code == 0 and out == "def " + expected.texts[0] + "\n"
+
+
+def test_text_stream_prints_whole_characters_and_stops_at_eos(capsys):
+    stream = TextStream("é: ")
+    for byte in "→ ok".encode():  # a three-byte character first
+        stream([0], [byte + OFFSET])
+        if byte == 0x86:  # the arrow's second byte: nothing of it printed yet
+            assert capsys.readouterr().out == "é: "
+    stream([0], [EOS_ID])
+    stream([0], [ord("x") + OFFSET])  # after EOS nothing more
+    stream.close()
+    assert capsys.readouterr().out == "→ ok\n"
 
 
 def test_ops_and_env(capsys):

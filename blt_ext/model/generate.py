@@ -10,7 +10,7 @@ does not depend on the other rows.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -145,6 +145,7 @@ def generate(
     stop_at_eos: bool = True,
     seed: int | None = None,
     use_cache: bool | None = None,
+    on_step: Callable[[list[int], list[int]], None] | None = None,
 ) -> GenerationOutput:
     """Generate up to ``max_new_bytes`` ids after each prompt (a str/bytes/id list, or a list of them).
 
@@ -152,8 +153,9 @@ def generate(
     from a generator seeded with ``seed`` (the global RNG when None). A row stops after
     generating EOS when ``stop_at_eos``. ``use_cache`` (default: whenever ``model`` is a
     ByteLatentTransformer) keeps per-row KV caches; ``use_cache=False`` re-runs the model over
-    each prefix (the original's way; the same outputs up to float rounding). Returns texts, generated ids and
-    prompt ids per prompt.
+    each prefix (the original's way; the same outputs up to float rounding). ``on_step(rows, ids)``
+    is called after every step with the rows that took one and their new ids (for streaming
+    output). Returns texts, generated ids and prompt ids per prompt.
     """
     device = next(model.parameters()).device
     prompt_ids = encode_prompts(prompts)
@@ -171,6 +173,8 @@ def generate(
         logits = cached_next_logits(decoder, state, rows) if use_cache else next_logits(model, state, rows)
         next_ids = sample_next(logits, temperature, top_k, top_p, generator)
         state.append(rows, next_ids, stop_at_eos)
+        if on_step is not None:
+            on_step(rows.tolist(), next_ids.tolist())
     tokenizer = ByteTokenizer()
     ids = [state.generated(b) for b in range(len(prompt_ids))]
     return GenerationOutput([tokenizer.decode(g, cut_at_eos=True) for g in ids], ids, prompt_ids)
