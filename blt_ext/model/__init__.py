@@ -8,6 +8,7 @@ local encoder, global transformer, local decoder, checkpoints and generation.
 
 from .blt import ByteLatentTransformer, GlobalTransformer, LocalDecoder, LocalEncoder
 from .config import PRESETS, UNVERIFIED, BLTConfig, EntropyModelConfig, ffn_hidden_dim, preset
+from .decoding import BatchDecoder
 from .entropy_model import EntropyModel
 from .loss import LossOutput, next_byte_loss
 from .tokenizer import BOE_ID, BOS_ID, BPE_ID, EOS_ID, OFFSET, PAD_ID, VOCAB_SIZE, BatchEncoding, ByteTokenizer
@@ -23,6 +24,7 @@ __all__ = [
     "UNVERIFIED",
     "VOCAB_SIZE",
     "BLTConfig",
+    "BatchDecoder",
     "BatchEncoding",
     "ByteLatentTransformer",
     "ByteTokenizer",
