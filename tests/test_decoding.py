@@ -95,9 +95,11 @@ def test_bad_calls_are_refused(device):
         decoder.step([0], torch.tensor([5, 6]))
 
 
+@pytest.mark.parametrize("backend", ["ext", "torch"])
 @pytest.mark.parametrize("sampling", [{}, {"temperature": 0.8, "top_k": 20, "seed": 3}], ids=["greedy", "sampled"])
-def test_cached_generation_gives_the_uncached_outputs(device, sampling):
+def test_cached_generation_gives_the_uncached_outputs(device, sampling, backend):
     model = blt(device)
+    model.backend = backend
     prompts = ["Once upon a time", "BLT", "A much longer prompt about bytes, patches and entropy."]
     cached = model.generate(prompts, max_new_bytes=48, stop_at_eos=False, **sampling)
     uncached = model.generate(prompts, max_new_bytes=48, stop_at_eos=False, use_cache=False, **sampling)
