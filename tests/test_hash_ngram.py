@@ -2,14 +2,12 @@
 independent Python-integer oracle, the reference twins, gradients, opcheck, torch.compile and
 argument errors."""
 
-import contextlib
-
 import pytest
 import torch
 
 from blt_ext import ops, reference
 from blt_ext.reference.hash_ngram import HASH_PRIMES
-from blt_ext.testing import assert_close_to_reference
+from blt_ext.testing import assert_close_to_reference, deterministic_algorithms
 from blt_ext.testing.hash_ngram import embedding_weights, random_tokens
 
 RELEASED = (3, 4, 5, 6, 7, 8)
@@ -162,16 +160,6 @@ def weight_grads(fn, tokens, byte_weight, hash_weight, config, grad_output):
     hash_weight = hash_weight.detach().requires_grad_()
     out = fn(tokens, byte_weight, hash_weight, *config[:2])
     return torch.autograd.grad(out, (byte_weight, hash_weight), grad_output)
-
-
-@contextlib.contextmanager
-def deterministic_algorithms(enabled):
-    previous = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(enabled)
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(previous)
 
 
 @pytest.mark.parametrize("deterministic", [False, True], ids=["default", "deterministic"])

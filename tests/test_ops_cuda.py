@@ -6,29 +6,17 @@ released shapes (B=8, T=8192, D=1024, six 500002-row tables; 16 heads x 64, k=2)
 torch.compile(mode="reduce-overhead"), and bitwise-identical repeats in deterministic mode.
 """
 
-import contextlib
-
 import pytest
 import torch
 
 from blt_ext import ops, reference
-from blt_ext.testing import assert_close_to_reference, random_patch_lengths
+from blt_ext.testing import assert_close_to_reference, deterministic_algorithms, random_patch_lengths
 from blt_ext.testing.segment_pool import first_winner_grad
 
 # Released shapes (6 GB of hash tables and their gradients): one worker under pytest-xdist.
 pytestmark = [pytest.mark.cuda, pytest.mark.xdist_group("released-shapes")]
 CUDA = torch.device("cuda")
 BF16 = torch.bfloat16
-
-
-@contextlib.contextmanager
-def deterministic_algorithms():
-    previous = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(previous)
 
 
 def released_inputs(seed=0):

@@ -4,6 +4,8 @@ Each op family has a module here (``blt_ext.testing.hash_ngram`` ...) that build
 this module holds what several families share: random patch layouts and float tolerances.
 """
 
+import contextlib
+
 import torch
 
 # Absolute and relative tolerance of an op's output against a float64 reference, by input dtype.
@@ -16,6 +18,17 @@ TOLERANCES = {
 }
 
 PATCH_LAYOUTS = ("random", "one_patch", "all_ones", "long_patch")
+
+
+@contextlib.contextmanager
+def deterministic_algorithms(enabled: bool = True):
+    """``torch.use_deterministic_algorithms(enabled)`` for the block, the previous setting after."""
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(enabled)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous)
 
 
 def assert_close_to_reference(actual, expected, dtype=None, scale=1.0, msg=""):
