@@ -14,6 +14,7 @@ from blt_ext.model.layers import (
     is_plain_causal,
     rope_angles,
     self_attention_mask,
+    split_document_ids,
 )
 
 TOK = ByteTokenizer()
@@ -60,10 +61,11 @@ def test_local_mask_is_causal_windowed_and_split_after_eos():
 
 
 def test_plain_causal_masks_are_recognised():
-    one_doc = document_ids(torch.tensor([[BOS_ID, 9, 9, EOS_ID], [BOS_ID, 9, 9, 9]]))  # EOS last: one doc
-    two_docs = document_ids(torch.tensor([[BOS_ID, 9, EOS_ID, 9], [BOS_ID, 9, 9, 9]]))
+    one_doc = split_document_ids(torch.tensor([[BOS_ID, 9, 9, EOS_ID], [BOS_ID, 9, 9, 9]]))  # EOS last: one doc
+    two_tokens = torch.tensor([[BOS_ID, 9, EOS_ID, 9], [BOS_ID, 9, 9, 9]])
+    two_docs = split_document_ids(two_tokens)
+    assert one_doc is None and torch.equal(two_docs, document_ids(two_tokens))
     assert is_plain_causal(one_doc, 4, window=None) and is_plain_causal(one_doc, 4, window=4)
-    assert is_plain_causal(None, 4, window=None)
     assert not is_plain_causal(one_doc, 4, window=3)  # the window binds
     assert not is_plain_causal(two_docs, 4, window=None)  # a row holds two documents
     assert self_attention_mask(one_doc, 4, window=512) == AttentionMask(None, None)
@@ -74,7 +76,7 @@ def test_plain_causal_attention_equals_the_dense_causal_mask():
     torch.manual_seed(0)
     q, k, v = torch.randn(3, 2, 4, 33, 8)  # [B, H, S, D]
     tokens = torch.randint(4, 260, (2, 33))
-    fast = self_attention_mask(document_ids(tokens), 33, window=64)
+    fast = self_attention_mask(split_document_ids(tokens), 33, window=64)
     assert fast.dense is None and fast.block is None
     causal = torch.ones(33, 33, dtype=torch.bool).tril().expand(2, 1, 33, 33)
     torch.testing.assert_close(attend(q, k, v, fast), attend(q, k, v, AttentionMask(causal, None)))

@@ -23,10 +23,10 @@ from .layers import (
     KVCache,
     TransformerBlock,
     check_tokens,
-    document_ids,
     rope_angles,
     rope_for_length,
     self_attention_mask,
+    split_document_ids,
 )
 from .loss import LossOutput, next_byte_loss
 from .tokenizer import EOS_ID
@@ -337,11 +337,12 @@ class ByteLatentTransformer(nn.Module):
             patch_lengths = self._check_patch_lengths(patch_lengths, tokens)
         c = self.config
         b, seq_len = tokens.shape
-        mask = self_attention_mask(document_ids(tokens), seq_len, c.local_attention_window_len, self.attn_impl)
+        doc_ids = split_document_ids(tokens)  # None: one document per row
+        mask = self_attention_mask(doc_ids, seq_len, c.local_attention_window_len, self.attn_impl, b, tokens.device)
         h, slots = self.local_encoder(tokens, patch_lengths, mask)
         num_patches = patch_lengths.shape[1]
-        doc_ids = patch_document_ids(tokens, patch_lengths) if c.global_block_causal else None
-        patches = self.global_transformer(slots.reshape(b, num_patches, c.global_input_dim), doc_ids, self.attn_impl)
+        patch_doc_ids = patch_document_ids(tokens, patch_lengths) if c.global_block_causal and doc_ids is not None else None
+        patches = self.global_transformer(slots.reshape(b, num_patches, c.global_input_dim), patch_doc_ids, self.attn_impl)
         h = self.local_decoder(h, patches, patch_lengths, mask)
         return self.lm_head(h).float()
 

@@ -12,9 +12,9 @@ from .layers import (
     KVCache,
     TransformerBlock,
     check_tokens,
-    document_ids,
     rope_angles,
     self_attention_mask,
+    split_document_ids,
 )
 
 
@@ -53,7 +53,8 @@ class EntropyModel(nn.Module):
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         check_tokens(tokens, self.embed_tokens.weight, "EntropyModel.forward")
         seq_len = tokens.shape[1]
-        mask = self_attention_mask(document_ids(tokens), seq_len, self.config.sliding_window, self.attn_impl)
+        mask = self_attention_mask(split_document_ids(tokens), seq_len, self.config.sliding_window, self.attn_impl,
+                                   tokens.shape[0], tokens.device)
         return self.run_layers(tokens, torch.arange(seq_len, device=tokens.device), mask)
 
     def run_layers(self, tokens: torch.Tensor, positions: torch.Tensor, mask: AttentionMask,

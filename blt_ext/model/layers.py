@@ -82,19 +82,19 @@ class AttentionMask(NamedTuple):
     first_key: int = 0  # with a KV cache: the dense mask covers the cached keys from this one on
 
 
-def is_plain_causal(doc_ids: torch.Tensor | None, seq_len: int, window: int | None) -> bool:
-    """Whether the window does not bind (``window >= seq_len``) and each row is one document.
-
-    Reads ``doc_ids`` on the host (one synchronisation); while compiling, with documents given,
-    it answers False so that the graph keeps the dense mask and stays free of data dependence.
-    """
-    if window is not None and window < seq_len:
-        return False
-    if doc_ids is None:
-        return True
+def split_document_ids(tokens: torch.Tensor) -> torch.Tensor | None:
+    """:func:`document_ids` of ``tokens``, or None when every row is one document (no EOS
+    before its last byte), so that masks can be plain causal. One host synchronisation, made
+    once per forward; while compiling always the ids (the graph keeps no data dependence)."""
+    doc_ids = document_ids(tokens)
     if torch.compiler.is_compiling() or doc_ids.numel() == 0:
-        return False
-    return bool((doc_ids[:, -1] == 0).all())  # ids count the EOS before a position
+        return doc_ids
+    return doc_ids if bool((doc_ids[:, -1] != 0).any()) else None  # ids count the EOS before a position
+
+
+def is_plain_causal(doc_ids: torch.Tensor | None, seq_len: int, window: int | None) -> bool:
+    """No documents to separate and a window that does not bind (``window >= seq_len``)."""
+    return doc_ids is None and (window is None or window >= seq_len)
 
 
 def self_attention_mask(
