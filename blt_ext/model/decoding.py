@@ -38,6 +38,8 @@ class _Row:
         self.encoder_states = [GrowingTensor(dim=1) for _ in range(encoder_layers)]  # [1, T, De] each
         self.patch_outputs = GrowingTensor(dim=1)  # [1, complete patches, Dg]
         self.patch_lengths: torch.Tensor | None = None  # [1, P], summing to T + 1
+        self.last_patch_length = 0  # of patch_lengths, on the host
+        self.complete_bytes = 0  # bytes of the patches the global transformer has run on
 
 
 class BatchDecoder:
@@ -98,41 +100,48 @@ class BatchDecoder:
     def _advance(self, rows: list[int], ids: torch.Tensor) -> torch.Tensor:
         ids = ids.to(self.device, torch.long)
         states = [self.rows[r] for r in rows]
-        starts = torch.tensor([s.tokens.length for s in states], device=self.device)
-        positions = starts[:, None] + torch.arange(ids.shape[1], device=self.device)
+        starts = [s.tokens.length for s in states]
+        span = (min(starts), max(starts) + ids.shape[1] - 1)
+        positions = torch.tensor(starts, device=self.device)[:, None] + torch.arange(ids.shape[1], device=self.device)
         for state, new in zip(states, ids):
             state.tokens.append(new)
         tokens = self._padded([s.tokens.value() for s in states], BOE_ID)
         doc_ids = document_ids(tokens)
-        self._patch(rows, states, ids, positions, doc_ids)
-        byte_states = self._encode(rows, states, positions, doc_ids)
+        self._patch(rows, states, ids, positions, span, doc_ids)
+        byte_states = self._encode(rows, states, positions, span, doc_ids)
         self._complete_patches(rows, states)
-        return self._decode(rows, states, byte_states[-1], positions, doc_ids)
+        return self._decode(rows, states, byte_states[-1], positions, span, doc_ids)
 
     def _padded(self, rows: list[torch.Tensor], value) -> torch.Tensor:
         width = max(r.shape[-1] for r in rows)
         return torch.stack([F.pad(r, (0, width - r.shape[-1]), value=value) for r in rows])
 
-    def _patch(self, rows, states, ids, positions, doc_ids) -> None:
+    def _patch(self, rows, states, ids, positions, span, doc_ids) -> None:
         """Each row's patch layout, from its cached entropies (or the patcher on its bytes)."""
         patcher = self.model.patcher
         if self.cached_entropies:
             entropy_model = self.model.entropy_model
-            mask = incremental_mask(positions, doc_ids, entropy_model.config.sliding_window)
+            mask = incremental_mask(positions, span, doc_ids, entropy_model.config.sliding_window)
             caches = [c.select(rows) for c in self.entropy_caches]
             entropies = patcher.ops.entropy(entropy_model.run_layers(ids, positions, mask, caches))
+        layouts = []
         for i, state in enumerate(states):
             if self.cached_entropies:
                 state.entropies.append(entropies[i])
                 starts = patcher.ops.entropy_patch_starts(
                     state.entropies.value()[None], patcher.threshold, patcher.threshold_add, patcher.monotonicity, True
                 )
-                layout = patcher.ops.patch_layout(starts, True, patcher.max_patch_length)
+                layouts.append(patcher.ops.patch_layout(starts, True, patcher.max_patch_length))
             else:
-                layout = patcher(state.tokens.value()[None], include_next_token=True)
-            state.patch_lengths = layout.patch_lengths[:, : int(layout.patch_counts[0])]
+                layouts.append(patcher(state.tokens.value()[None], include_next_token=True))
+        # every row's patch count and last patch length in one read from the device
+        counts = torch.cat([layout.patch_counts for layout in layouts])
+        last = torch.cat([layout.patch_lengths.gather(1, layout.patch_counts[:, None] - 1)[:, 0] for layout in layouts])
+        for state, layout, (count, last_length) in zip(states, layouts, torch.stack([counts, last], 1).tolist()):
+            state.patch_lengths = layout.patch_lengths[:, :count]
+            state.last_patch_length = last_length
 
-    def _encode(self, rows, states, positions, doc_ids) -> list[torch.Tensor]:
+    def _encode(self, rows, states, positions, span, doc_ids) -> list[torch.Tensor]:
         """Every encoder layer's states [R, n, De] of the new bytes (also kept per row)."""
         encoder, config = self.model.local_encoder, self.model.config
         n = positions.shape[1]
@@ -142,7 +151,7 @@ class BatchDecoder:
         width = n + self.context
         windows = torch.stack([F.pad(w, (width - w.shape[0], 0), value=BOE_ID) for w in windows])
         h = encoder.embedding(windows)[:, self.context :]
-        mask = incremental_mask(positions, doc_ids, config.local_attention_window_len)
+        mask = incremental_mask(positions, span, doc_ids, config.local_attention_window_len)
         rope = rope_angles(positions, encoder.head_dim, encoder.rope_theta)
         new = encoder.byte_states(h, rope, mask, [c.select(rows) for c in self.encoder_caches])
         for i, state in enumerate(states):
@@ -155,31 +164,34 @@ class BatchDecoder:
         last patch (it holds the virtual next byte). A prompt may complete many; a step at most
         one per row, and those rows run together."""
         encoder, config = self.model.local_encoder, self.model.config
-        ready, xs, positions, doc_ids = [], [], [], []
+        ready, xs, dones, doc_ids = [], [], [], []
         for row, state in zip(rows, states):
             done, complete = state.patch_outputs.length, state.patch_lengths.shape[1] - 1
             if complete <= done:
                 continue
-            lengths = state.patch_lengths[0]
-            ends = torch.cumsum(lengths, 0)
-            first, last = int(ends[done] - lengths[done]), int(ends[complete - 1])
+            # the last patch holds the virtual next byte and the real ones before it
+            first, last = state.complete_bytes, state.tokens.length + 1 - state.last_patch_length
+            state.complete_bytes = last
             byte_states = [s.value()[:, first:last] for s in state.encoder_states]
             slots = encoder.patch_slots(byte_states, state.patch_lengths[:, done:complete])
             ready.append((row, state))
             xs.append(slots.view(1, complete - done, config.global_input_dim))
-            positions.append(torch.arange(done, complete, device=self.device))
+            dones.append(done)
             if config.global_block_causal:
                 doc_ids.append(patch_document_ids(state.tokens.value()[None], state.patch_lengths)[0, :complete])
         if not ready:
             return
-        positions = torch.stack(positions)
-        mask = incremental_mask(positions, self._padded(doc_ids, -1) if doc_ids else None, None)
+        # a prompt completes patches done..complete-1 of its one row, a step one patch per row
+        new = xs[0].shape[1]
+        positions = torch.tensor(dones, device=self.device)[:, None] + torch.arange(new, device=self.device)
+        span = (min(dones), max(dones) + new - 1)
+        mask = incremental_mask(positions, span, self._padded(doc_ids, -1) if doc_ids else None, None)
         caches = [c.select([row for row, _ in ready]) for c in self.global_caches]
         out = self.model.global_transformer.run_layers(torch.cat(xs), positions, mask, caches)
         for i, (_, state) in enumerate(ready):
             state.patch_outputs.append(out[i : i + 1])
 
-    def _decode(self, rows, states, h, positions, doc_ids) -> torch.Tensor:
+    def _decode(self, rows, states, h, positions, span, doc_ids) -> torch.Tensor:
         """Logits [R, n, V] of the new bytes. A prompt reads the complete patches through the
         row's own layout; a single new byte t reads patch p(t + 1) - 1 = P - 2, given as the
         only patch of the layout [1, 1] (the byte, then its virtual next byte)."""
@@ -192,6 +204,6 @@ class BatchDecoder:
             patch_lengths = torch.ones(len(rows), 2, dtype=torch.long, device=self.device)
         # the last patch's output is never read (no byte's p(t + 1) - 1 reaches it): zeros
         patches = torch.cat([outputs, outputs.new_zeros(outputs.shape[0], 1, outputs.shape[2])], dim=1)
-        mask = incremental_mask(positions, doc_ids, model.config.local_attention_window_len)
+        mask = incremental_mask(positions, span, doc_ids, model.config.local_attention_window_len)
         caches = [c.select(rows) for c in self.decoder_caches]
         return model.lm_head(model.local_decoder(h, patches, patch_lengths, mask, positions, caches)).float()

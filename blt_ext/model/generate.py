@@ -80,9 +80,9 @@ def cached_next_logits(decoder: BatchDecoder, state: GenerationState, rows: torc
         else:
             stepping.append((row, length - 1))
     if stepping:
-        step_rows = [row for row, _ in stepping]
-        last = torch.stack([state.tokens[row, at] for row, at in stepping])
-        logits.update(zip(step_rows, decoder.step(step_rows, last)))
+        step_rows, last = zip(*stepping)
+        step_rows = list(step_rows)
+        logits.update(zip(step_rows, decoder.step(step_rows, state.tokens[step_rows, list(last)])))
     return torch.stack([logits[row] for row in rows])
 
 

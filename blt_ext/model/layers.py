@@ -217,12 +217,17 @@ class KVCache:
         self.k, self.v = k, v
 
 
-def incremental_mask(positions: torch.Tensor, doc_ids: torch.Tensor | None, window: int | None) -> AttentionMask:
+def incremental_mask(
+    positions: torch.Tensor, span: tuple[int, int], doc_ids: torch.Tensor | None, window: int | None
+) -> AttentionMask:
     """Mask [R, 1, n, S - first] of the new ``positions`` [R, n] of R rows over the positions so
     far (S = the largest position + 1) that a window lets them see (from ``first`` on): causal,
-    same document (``doc_ids`` [R, >= S] of every position), at most ``window`` keys back."""
-    first = 0 if window is None else max(0, int(positions.min()) - window + 1)
-    keys = torch.arange(first, int(positions.max()) + 1, device=positions.device)
+    same document (``doc_ids`` [R, >= S] of every position), at most ``window`` keys back.
+    ``span`` is (smallest, largest) of ``positions``, known on the host: reading it from the
+    tensor would synchronise with the device at every decoding step."""
+    lowest, highest = span
+    first = 0 if window is None else max(0, lowest - window + 1)
+    keys = torch.arange(first, highest + 1, device=positions.device)
     rel = positions[..., None] - keys
     allowed = rel >= 0
     if window is not None:
