@@ -44,19 +44,21 @@ def cuda_event_median_ms(fn, warmup=5, repeat=50):
     return statistics.median(times)
 
 
-def run_benchmark(benchmark, fn, *, group, provider, bytes_moved=None, rounds=None, repeat=50):
+def run_benchmark(benchmark, fn, *, group, provider, bytes_moved=None, rounds=None, repeat=50, warmup=None):
     """Time ``fn`` (a closure over prepared inputs) and record what the runner needs.
 
     ``bytes_moved`` is the fewest bytes the workload must read and write; the runner turns it
     into GB/s. ``fn`` is called once first, which also triggers torch.compile's compilation.
-    On CUDA ``repeat`` calls are timed with events (fewer for workloads of seconds).
+    On CUDA ``repeat`` calls are timed with events (fewer for workloads of seconds), after
+    ``warmup`` more calls (default: min(5, repeat)).
     """
     benchmark.group = group
     benchmark.extra_info.update(provider=provider, device=str(DEVICE), bytes_moved=bytes_moved)
     fn()
     if ON_CUDA:
         torch.cuda.synchronize()
-        benchmark.extra_info["median_ms"] = cuda_event_median_ms(fn, warmup=min(5, repeat), repeat=repeat)
+        benchmark.extra_info["median_ms"] = cuda_event_median_ms(
+            fn, warmup=min(5, repeat) if warmup is None else warmup, repeat=repeat)
 
         def synced():
             fn()

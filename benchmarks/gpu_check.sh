@@ -4,7 +4,8 @@
 # compute-sanitizer (memcheck, racecheck) over small cases of every kernel, run the GPU benchmarks
 # (one op family at a time, so a time limit loses at most one table), and print a short summary last.
 # Usage: benchmarks/gpu_check.sh LOGDIR [benchmark files...]   (LOGDIR receives at most 8 files)
-# TESTS=0 skips the tests, SANITIZE=0 compute-sanitizer; DEMO=1 adds the demo on the GPU (into LOGDIR/demo).
+# TESTS=0 skips the tests, SANITIZE=0 compute-sanitizer; DEMO=1 adds the demo on the GPU (into LOGDIR/demo);
+# BENCH_LIMIT sets the seconds each benchmark file may take (default 200).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 LOG=${1:?usage: benchmarks/gpu_check.sh LOGDIR [benchmark files...]}
@@ -47,7 +48,7 @@ if [ "${SANITIZE:-1}" = 1 ] && command -v compute-sanitizer >/dev/null; then
   step racecheck 150 compute-sanitizer --tool racecheck --error-exitcode 1 "$PY" tools/sanitize_cases.py
 fi
 for file in "${BENCH_FILES[@]}"; do
-  BLT_BENCH_DEVICE=cuda step bench 200 "$PY" benchmarks/run.py --record "$LOG/table.tmp" "$file" &&
+  BLT_BENCH_DEVICE=cuda step bench "${BENCH_LIMIT:-200}" "$PY" benchmarks/run.py --record "$LOG/table.tmp" "$file" &&
     cat "$LOG/table.tmp" >>"$LOG/gpu-ops.md" && echo >>"$LOG/gpu-ops.md"
 done
 rm -f "$LOG/table.tmp"
