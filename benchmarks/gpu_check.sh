@@ -4,7 +4,8 @@
 # compute-sanitizer (memcheck, racecheck) over small cases of every kernel, run the GPU benchmarks
 # (one op family at a time, so a time limit loses at most one table), and print a short summary last.
 # Usage: benchmarks/gpu_check.sh LOGDIR [benchmark files...]   (LOGDIR receives at most 8 files)
-# TESTS=0 skips the tests, SANITIZE=0 compute-sanitizer; DEMO=1 adds the demo on the GPU (into LOGDIR/demo);
+# TESTS=0 skips the tests, TESTS="FILES..." runs only those test files (CPU and CUDA cases);
+# SANITIZE=0 skips compute-sanitizer; DEMO=1 adds the demo on the GPU (into LOGDIR/demo);
 # BENCH_LIMIT sets the seconds each benchmark file may take (default 200).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -37,9 +38,12 @@ step error-paths 120 "$PY" tools/error_path_check.py
 XDIST=$("$PY" -c "import xdist" 2>/dev/null && echo "-n 8 --dist loadgroup")
 PYTEST_ARGS="-q --tb=short --maxfail=20 -rs -p no:cacheprovider $XDIST"
 # Two intra-op threads per worker: eight workers then share the 16 cores instead of fighting.
-if [ "${TESTS:-1}" = 1 ] && command -v make >/dev/null; then
+TESTS=${TESTS:-1}
+if [ "$TESTS" != 0 ] && [ "$TESTS" != 1 ]; then
+  OMP_NUM_THREADS=2 step tests 300 "$PY" -m pytest $TESTS $PYTEST_ARGS
+elif [ "$TESTS" = 1 ] && command -v make >/dev/null; then
   OMP_NUM_THREADS=2 step tests 300 make test PYTEST_ARGS="$PYTEST_ARGS"
-elif [ "${TESTS:-1}" = 1 ]; then
+elif [ "$TESTS" = 1 ]; then
   echo "no make on this machine: running the test command's pytest directly" >>"$LOG/tests.log"
   OMP_NUM_THREADS=2 step tests 300 "$PY" -m pytest tests $PYTEST_ARGS
 fi

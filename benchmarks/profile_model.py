@@ -175,7 +175,7 @@ def wall_ms(fn, repeat):
     return statistics.median(times)
 
 
-def profile_provider(provider, ours, hf, inputs, repeat):
+def profile_provider(provider, ours, hf, inputs, repeat, top=0):
     x, targets, pl, hf_pl = inputs
     forward = make_forward(provider, ours, hf)
     model = hf if provider == "transformers" else ours
@@ -196,8 +196,10 @@ def profile_provider(provider, ours, hf, inputs, repeat):
     if not ON_CUDA:  # CPU: the step's wall time (Python included) is the denominator
         kernel_total = sum(e.cpu_time_total for e in events if e.name == "step")
     model.zero_grad(set_to_none=True)
+    sort_key = "self_device_time_total" if ON_CUDA else "self_cpu_time_total"
     return {"step_ms": step_ms, "total_ms": kernel_total / 1e3, "named_ms": named / 1e3,
-            "per_category": {k: v / 1e3 for k, v in per_category.items()}}
+            "per_category": {k: v / 1e3 for k, v in per_category.items()},
+            "top": prof.key_averages().table(sort_by=sort_key, row_limit=top) if top else ""}
 
 
 def table(results):
@@ -223,14 +225,18 @@ def main(argv=None):
                         help="also write the table (markdown) here (default: $BLT_PROFILE_OUT)")
     parser.add_argument("--providers", nargs="+", default=list(PROVIDERS), choices=PROVIDERS)
     parser.add_argument("--repeat", type=int, default=5, help="unprofiled steps timed for the step column")
+    parser.add_argument("--top", type=int, default=0, metavar="N",
+                        help="also list each provider's N ops with the most self time (kernel time on CUDA)")
     args = parser.parse_args(argv)
 
     ours, hf, inputs, _ = prepared_models()
-    results = {p: profile_provider(p, ours, hf, inputs, args.repeat) for p in args.providers}
+    results = {p: profile_provider(p, ours, hf, inputs, args.repeat, args.top) for p in args.providers}
     ours.backend = "ext"
     title = (f"One training step (forward + cross-entropy + backward), {PRESET} B{BATCH} T{SEQ} {DTYPE_NAME} on "
              f"{torch.cuda.get_device_name() if ON_CUDA else 'CPU'}, {int((inputs[2] > 0).sum())} patches")
     text = f"{title}\n\n{table(results)}\n"
+    text += "".join(f"\n{p}: the {args.top} ops with the most self time\n```\n{r['top']}\n```\n"
+                    for p, r in results.items() if r["top"])
     print(text)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
