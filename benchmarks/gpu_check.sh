@@ -38,14 +38,16 @@ step error-paths 120 "$PY" tools/error_path_check.py
 XDIST=$("$PY" -c "import xdist" 2>/dev/null && echo "-n 8 --dist loadgroup")
 PYTEST_ARGS="-q --tb=short --maxfail=20 -rs -p no:cacheprovider $XDIST"
 # Two intra-op threads per worker: eight workers then share the 16 cores instead of fighting.
+# Expandable segments: the workers' big tensors of many sizes leave less reserved-but-unused memory.
+TEST_ALLOC=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
 TESTS=${TESTS:-1}
 if [ "$TESTS" != 0 ] && [ "$TESTS" != 1 ]; then
-  OMP_NUM_THREADS=2 step tests 300 "$PY" -m pytest $TESTS $PYTEST_ARGS
+  OMP_NUM_THREADS=2 PYTORCH_CUDA_ALLOC_CONF=$TEST_ALLOC step tests 300 "$PY" -m pytest $TESTS $PYTEST_ARGS
 elif [ "$TESTS" = 1 ] && command -v make >/dev/null; then
-  OMP_NUM_THREADS=2 step tests 300 make test PYTEST_ARGS="$PYTEST_ARGS"
+  OMP_NUM_THREADS=2 PYTORCH_CUDA_ALLOC_CONF=$TEST_ALLOC step tests 300 make test PYTEST_ARGS="$PYTEST_ARGS"
 elif [ "$TESTS" = 1 ]; then
   echo "no make on this machine: running the test command's pytest directly" >>"$LOG/tests.log"
-  OMP_NUM_THREADS=2 step tests 300 "$PY" -m pytest tests $PYTEST_ARGS
+  OMP_NUM_THREADS=2 PYTORCH_CUDA_ALLOC_CONF=$TEST_ALLOC step tests 300 "$PY" -m pytest tests $PYTEST_ARGS
 fi
 if [ "${SANITIZE:-1}" = 1 ] && command -v compute-sanitizer >/dev/null; then
   step memcheck 150 compute-sanitizer --tool memcheck --error-exitcode 1 "$PY" tools/sanitize_cases.py

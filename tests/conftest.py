@@ -2,6 +2,8 @@
 the ``device`` fixture adds a CUDA case there, and files named ``*_cuda.py`` are collected only
 there. Both carry the ``cuda`` marker, so ``pytest -m cuda`` runs exactly the GPU tests."""
 
+import gc
+
 import pytest
 import torch
 
@@ -23,3 +25,13 @@ def device(request):
 @pytest.fixture
 def generator():
     return torch.Generator().manual_seed(1234)
+
+
+@pytest.fixture
+def release_gpu_memory():
+    """After the test, hand the allocator's cached GPU blocks back to the driver: the tests that
+    fill tens of GB run in two pytest-xdist workers at once, and blocks one of them merely caches
+    would make the other run out of memory."""
+    yield
+    gc.collect()
+    torch.cuda.empty_cache()

@@ -11,9 +11,12 @@ import torch
 from blt_ext.model import ByteLatentTransformer, preset
 from blt_ext.testing import random_patch_lengths
 
-# The two 1B models fill tens of GB: under pytest-xdist they share one worker with the other
-# tests that do (tests/test_ops_cuda.py), so no two of them hold the GPU's memory at once.
-pytestmark = [pytest.mark.cuda, pytest.mark.xdist_group("large-gpu-memory")]
+# The two 1B models fill tens of GB: under pytest-xdist they run one after the other in one worker.
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.xdist_group("blt-1b"),
+    pytest.mark.usefixtures("release_gpu_memory"),
+]
 
 
 def relative_error(a, b):

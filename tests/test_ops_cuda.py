@@ -13,9 +13,12 @@ from blt_ext import ops, reference
 from blt_ext.testing import assert_close_to_reference, deterministic_algorithms, random_patch_lengths
 from blt_ext.testing.segment_pool import first_winner_grad
 
-# Released shapes (6 GB of hash tables and their gradients): under pytest-xdist in the one worker
-# of the tests that fill GPU memory (tests/test_model_cuda.py too).
-pytestmark = [pytest.mark.cuda, pytest.mark.xdist_group("large-gpu-memory")]
+# Released shapes (6 GB of hash tables and their gradients): one worker under pytest-xdist.
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.xdist_group("released-shapes"),
+    pytest.mark.usefixtures("release_gpu_memory"),
+]
 CUDA = torch.device("cuda")
 BF16 = torch.bfloat16
 

@@ -24,7 +24,6 @@
 #include <limits>
 
 #include "blt_ext.h"
-#include "block_scan.cuh"
 #include "common/entropy_patch.h"
 
 namespace blt_ext::cuda {
@@ -223,6 +222,45 @@ struct EntropyStarts {
   }
 };
 
+struct Sum {
+  __device__ int operator()(int a, int b) const { return a + b; }
+};
+struct Max {
+  __device__ int operator()(int a, int b) const { return a > b ? a : b; }
+};
+
+// Exclusive scan of one value per thread over the block (threads in order); `total` gets the
+// scan of all of them. Every thread of the block must call it.
+template <typename Op>
+__device__ int block_exclusive_scan(int value, int identity, Op op, int* shared, int& total) {
+  constexpr int kWarps = kLayoutThreads / 32;
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  int inclusive = value;
+#pragma unroll
+  for (int offset = 1; offset < 32; offset *= 2) {
+    const int other = __shfl_up_sync(kFullMask, inclusive, offset);
+    if (lane >= offset) inclusive = op(other, inclusive);
+  }
+  if (lane == 31) shared[warp] = inclusive;
+  __syncthreads();
+  if (warp == 0) {
+    int w = lane < kWarps ? shared[lane] : identity;
+#pragma unroll
+    for (int offset = 1; offset < 32; offset *= 2) {
+      const int other = __shfl_up_sync(kFullMask, w, offset);
+      if (lane >= offset) w = op(other, w);
+    }
+    shared[lane] = w;
+  }
+  __syncthreads();
+  const int before_warp = warp == 0 ? identity : shared[warp - 1];
+  int before_lane = __shfl_up_sync(kFullMask, inclusive, 1);
+  before_lane = lane == 0 ? identity : before_lane;
+  total = shared[kWarps - 1];
+  __syncthreads();  // `shared` is reused by the next scan
+  return op(before_warp, before_lane);
+}
+
 // Position p starts a patch iff it is a natural start or, with splitting, lies a multiple of m
 // after the last natural start s: patches split greedily into m, m, ..., remainder.
 template <bool kSplit>
@@ -255,7 +293,7 @@ __device__ __forceinline__ int tile_naturals(const Source& source, int b, int ti
     natural[i] = p < L && (p == 0 || source(b, p));
     my_last = natural[i] ? p : my_last;
   }
-  return block_exclusive_scan<kLayoutThreads>(my_last, -1, Max{}, shared, tile_last);
+  return block_exclusive_scan(my_last, -1, Max{}, shared, tile_last);
 }
 
 template <bool kSplit, typename Source>
@@ -277,8 +315,8 @@ __global__ void __launch_bounds__(kLayoutThreads)
     my_count += p < L && s >= 0 && on_split_grid<kSplit>(p - s, m);
   }
   int neg_first, count;
-  block_exclusive_scan<kLayoutThreads>(-my_first, -tile_end, Max{}, shared, neg_first);
-  block_exclusive_scan<kLayoutThreads>(my_count, 0, Sum{}, shared, count);
+  block_exclusive_scan(-my_first, -tile_end, Max{}, shared, neg_first);
+  block_exclusive_scan(my_count, 0, Sum{}, shared, count);
   if (threadIdx.x == 0) summaries[blockIdx.x] = {-neg_first, tile_last, count, 0};
 }
 
@@ -299,10 +337,10 @@ __global__ void __launch_bounds__(kLayoutThreads)
     const int j = round + threadIdx.x;
     const TileSummary t = j < tiles ? row_summaries[j] : TileSummary{0, -1, 0, 0};
     int round_last, round_count;
-    const int last = max(last_carry, block_exclusive_scan<kLayoutThreads>(t.last, -1, Max{}, shared, round_last));
+    const int last = max(last_carry, block_exclusive_scan(t.last, -1, Max{}, shared, round_last));
     // Tile j's patches: split points before its first natural start, then its own count.
     const int count = t.count + split_points<kSplit>(last, j * kLayoutTile, t.first, m);
-    const int count_before = count_carry + block_exclusive_scan<kLayoutThreads>(j < tiles ? count : 0, 0, Sum{}, shared, round_count);
+    const int count_before = count_carry + block_exclusive_scan(j < tiles ? count : 0, 0, Sum{}, shared, round_count);
     if (j == tile) {
       before[0] = last;
       before[1] = count_before;
@@ -332,7 +370,7 @@ __global__ void __launch_bounds__(kLayoutThreads)
     my_count += start[i];
   }
   int tile_count;
-  int k = count_before + block_exclusive_scan<kLayoutThreads>(my_count, 0, Sum{}, shared, tile_count);
+  int k = count_before + block_exclusive_scan(my_count, 0, Sum{}, shared, tile_count);
 
   s = last_natural;
 #pragma unroll

@@ -2,32 +2,31 @@
 //
 // As on the CPU, both directions are a block-diagonal attention: patch p pairs its `slots` rows
 // with one contiguous byte range (encoder: the bytes of p, which its slot rows attend; decoder:
-// the bytes t with d(t) = p, which attend its slot rows). Two kernel shapes:
-// - patch-major (encoder forward, both backwards): one warp per (b, p) and a group of heads; the
-//   slot rows live in registers and the warp streams the byte range, so each output and gradient
-//   row is written by exactly one warp;
-// - byte-major (decoder forward): one warp per byte and a group of heads; each byte row reads its
-//   patch's slot rows and is written by its own lanes.
-// Neither uses atomics: results are deterministic.
+// the bytes t with d(t) = p, which attend its slot rows). Every kernel gives one warp to one
+// (b, p) and a group of heads: the slot rows live in registers and the warp streams the byte
+// range, so each output row and each gradient row is written by exactly one warp (no atomics,
+// deterministic).
 //
 // Within a warp, a group of G lanes (G = next power of two >= Dh / 8) holds one head row, 8
 // elements per lane (16-byte loads for 16-bit types), and 32 / G rows sit side by side: first
 // neighbouring heads (Dh = 64: 4 heads, a 512-byte contiguous span of a byte's row), then, when
-// H is too small to fill the warp, sub-groups that take different bytes (patch-major kernels
-// merge them at the end with an online softmax or sums). Patch-major kernels handle several
-// bytes a step with all their loads issued before any use.
+// H is too small to fill the warp, sub-groups that take different bytes of the range and merge
+// at the end (online softmax / sums). Each kernel step handles several bytes of the range with
+// all their loads issued before any use, so a warp keeps many independent loads in flight.
 //
-// One small kernel per call lays the patches out on the device (no host synchronisation): their
-// ends (inclusive cumulative lengths) and, for the decoder forward, d(t) of every byte. Lengths are not
-// validated on CUDA (that needs the data on the host): every range is clamped to [0, T], so bad
-// lengths never make a kernel read or write out of bounds, but the results are then unspecified.
+// Patch offsets come from at::cumsum of the lengths on the device (no host synchronisation);
+// the decoder range of p ends where the next non-empty patch ends (a binary search over the
+// ends, only needed after zero-length patches). Lengths are not validated on CUDA (that needs
+// the data on the host): every range is clamped to [0, T], so bad lengths never make a kernel
+// read or write out of bounds, but rows that no valid patch covers are then left unwritten.
 //
-// Patch-major kernels hold up to kMaxChunk slot rows in registers; more slots run as several
-// launches over chunks of slots (gradients of byte rows add them up in a fixed order). The
-// byte-major kernel walks all slots with an online softmax.
+// Up to kMaxChunk slot rows are held in registers; more slots run as several launches over
+// chunks of slots that combine their results in the outputs (a log-sum-exp merge for the
+// decoder forward, sums for the gradients), in a fixed order.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/cumsum.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <c10/cuda/CUDAException.h>
@@ -40,7 +39,6 @@
 #include <type_traits>
 
 #include "blt_ext.h"
-#include "block_scan.cuh"
 #include "common/checks.h"
 #include "common/patch_attention.h"
 
@@ -54,9 +52,6 @@ constexpr int kWarp = 32;
 constexpr int kWarpsPerBlock = 4;
 constexpr int kElems = 8;     // head-dim elements per lane
 constexpr int kMaxChunk = 4;  // slot rows held in registers
-// The byte-major kernel streams every byte row once; at least this many blocks per SM (at most
-// 64 registers a thread, no spills) keep enough loads in flight.
-constexpr int kForwardBlocksPerSM = 8;
 constexpr unsigned kFullMask = 0xffffffffu;
 
 template <typename scalar_t>
@@ -72,16 +67,14 @@ struct Args {
   scalar_t* dq;
   scalar_t* dk;
   scalar_t* dv;
-  const int64_t* lengths;      // [B, P]
-  const int64_t* ends;         // [B, P] inclusive cumulative lengths
-  const int32_t* byte_patch;   // decoder: [B, T] the patch each byte reads, -1 for none
+  const int64_t* lengths;  // [B, P]
+  const int64_t* ends;     // [B, P] inclusive cumulative lengths
   int64_t batch, patches, heads, head_dim, queries, keys, bytes, slots;
   int64_t chunk_begin;  // first slot of this launch's chunk
   acc_t scale;
   int group;           // lanes per head row
   int heads_per_warp;  // head rows side by side in a warp
   int64_t head_groups; // warps per (b, p): ceil(H / heads_per_warp)
-  int64_t byte_groups; // byte-major kernels: ceil(T / subs) warps per (b, head group)
   bool vec;   // 16-byte vector loads allowed (Dh % 8 == 0, 16-byte aligned bases)
 };
 
@@ -89,6 +82,10 @@ __device__ __forceinline__ float exp2_(float x) { return exp2f(x); }
 __device__ __forceinline__ double exp2_(double x) { return exp2(x); }
 __device__ __forceinline__ float log2_(float x) { return log2f(x); }
 __device__ __forceinline__ double log2_(double x) { return log2(x); }
+__device__ __forceinline__ float exp_(float x) { return expf(x); }
+__device__ __forceinline__ double exp_(double x) { return exp(x); }
+__device__ __forceinline__ float log_(float x) { return logf(x); }
+__device__ __forceinline__ double log_(double x) { return log(x); }
 
 template <typename acc_t>
 __device__ __forceinline__ acc_t neg_inf() {
@@ -456,98 +453,96 @@ __global__ void __launch_bounds__(kWarp* kWarpsPerBlock) encoder_backward_kernel
   }
 }
 
-// The decoder forward is byte-major: each byte row reads the slot rows of its patch d(t) (a
-// patch's few bytes read the same rows, so these reads hit L2), one warp per (b, `subs`
-// neighbouring bytes, head group). That keeps registers few and every byte in flight at once,
-// where walking a patch's bytes in one warp leaves each warp a short serial chain of loads.
-struct ByteLane {
-  int64_t b, t, h;
-  int off;
-  int dh;       // Dh, or 0 for a lane past T or past H: it loads zeros and stores nothing
-  bool leader;  // first lane of an existing head row: writes the row's scalars
-};
-
-// The host checks B * byte_groups * head_groups < 2^31, so the warp coordinates use 32-bit division.
-template <typename scalar_t>
-__device__ __forceinline__ bool make_byte_lane(const Args<scalar_t>& a, ByteLane& l) {
-  const uint32_t warp = blockIdx.x * kWarpsPerBlock + threadIdx.x / kWarp;
-  const uint32_t groups = static_cast<uint32_t>(a.head_groups), byte_groups = static_cast<uint32_t>(a.byte_groups);
-  if (warp >= static_cast<uint32_t>(a.batch) * byte_groups * groups) return false;
-  const int lane = threadIdx.x % kWarp, row_group = lane / a.group;
-  const int subs = kWarp / (a.group * a.heads_per_warp);
-  const uint32_t bt = warp / groups;
-  l.b = bt / byte_groups;
-  l.t = static_cast<int64_t>(bt % byte_groups) * subs + row_group / a.heads_per_warp;
-  l.h = static_cast<int64_t>(warp % groups) * a.heads_per_warp + row_group % a.heads_per_warp;
-  l.off = (lane % a.group) * kElems;
-  l.dh = l.h < a.heads && l.t < a.bytes ? static_cast<int>(a.head_dim) : 0;
-  l.leader = l.dh > 0 && lane % a.group == 0;
-  return true;
-}
-
-// The patch byte t reads (its d(t)), or -1 for a byte before the first patch's last byte.
-template <typename scalar_t>
-__device__ __forceinline__ int64_t byte_patch(const Args<scalar_t>& a, const ByteLane& l) {
-  return l.dh > 0 ? a.byte_patch[l.b * a.bytes + l.t] : -1;
-}
-
-// Decoder forward: a byte's query row attends its patch's slot rows, C slots' loads in flight
-// together and an online softmax across steps when slots > C.
+// Decoder forward: the bytes that read patch p attend the chunk's slot keys, U bytes a step with
+// their q loads in flight together; the slot rows stay in registers.
 template <typename scalar_t, int C>
-__global__ void __launch_bounds__(kWarp* kWarpsPerBlock, kForwardBlocksPerSM) decoder_forward_kernel(const Args<scalar_t> a) {
+__global__ void __launch_bounds__(kWarp* kWarpsPerBlock) decoder_forward_kernel(const Args<scalar_t> a) {
   using acc_t = at::opmath_type<scalar_t>;
-  ByteLane l;
-  if (!make_byte_lane(a, l)) return;
-  const int G = a.group;
+  constexpr int U = 4;
+  Lane l;
+  if (!make_lane(a, l)) return;
+  const ByteRange range = decoder_range(a, l.bp, l.p);
+  if (range.begin >= range.end) return;
+  const int G = a.group, R = l.subs, dh = l.dh;
   const int64_t row = a.heads * a.head_dim;
-  const int64_t p = byte_patch(a, l);
-  acc_t qf[kElems];
-  load_chunk(qf, a.q + (l.b * a.queries + l.t) * row + l.h * a.head_dim, l.off, l.dh, a.vec);
+  const int nslot = chunk_slots<C>(a);
+  const int64_t k_base = (l.b * a.keys + l.p * a.slots + a.chunk_begin) * row + l.h * a.head_dim;
   const acc_t qscale = a.scale * kLog2e<acc_t>;
-#pragma unroll
-  for (int e = 0; e < kElems; ++e) qf[e] *= qscale;
-  const int dh = p >= 0 ? l.dh : 0;
-  const int64_t k_base = (l.b * a.keys + (p >= 0 ? p : 0) * a.slots) * row + l.h * a.head_dim;
+  const bool merge = a.chunk_begin > 0;
 
-  acc_t acc[kElems] = {}, m = neg_inf<acc_t>(), denom = 0;
-  for (int64_t r0 = 0; r0 < a.slots; r0 += C) {
-    Packed<scalar_t> kp[C], vp[C];
+  acc_t kf[C][kElems], vf[C][kElems];
 #pragma unroll
-    for (int c = 0; c < C; ++c) {
-      const int n = r0 + c < a.slots ? dh : 0;
-      load_packed(kp[c], a.k + k_base + (r0 + c) * row, l.off, n, a.vec);
-      load_packed(vp[c], a.v + k_base + (r0 + c) * row, l.off, n, a.vec);
-    }
-    acc_t s[C], m_new = m;
+  for (int r = 0; r < C; ++r) {
+    const int n = r < nslot ? dh : 0;
+    load_chunk(kf[r], a.k + k_base + r * row, l.off, n, a.vec);
+    load_chunk(vf[r], a.v + k_base + r * row, l.off, n, a.vec);
 #pragma unroll
-    for (int c = 0; c < C; ++c) {
-      acc_t kc[kElems];
-      unpack(kc, kp[c]);
-      s[c] = group_sum(dot(qf, kc), G);
-      if (r0 + c >= a.slots) s[c] = neg_inf<acc_t>();
-      m_new = max(m_new, s[c]);
-    }
-    const acc_t alpha = exp2_(m - m_new);  // slot r0 always exists: m_new is finite
-    denom *= alpha;
-#pragma unroll
-    for (int e = 0; e < kElems; ++e) acc[e] *= alpha;
-#pragma unroll
-    for (int c = 0; c < C; ++c) {
-      const acc_t weight = exp2_(s[c] - m_new);
-      denom += weight;
-      acc_t vc[kElems];
-      unpack(vc, vp[c]);
-#pragma unroll
-      for (int e = 0; e < kElems; ++e) acc[e] += weight * vc[e];
-    }
-    m = m_new;
+    for (int e = 0; e < kElems; ++e) kf[r][e] *= qscale;
   }
-  if (l.dh == 0) return;
-  const bool live = p >= 0;  // a byte that reads no patch: out 0, lse -inf
-  store_chunk(a.out + (l.b * a.queries + l.t) * row + l.h * a.head_dim, acc, live ? acc_t(1) / denom : acc_t(0),
-              l.off, l.dh, a.vec, false);
-  if (l.leader) {
-    a.lse[(l.b * a.heads + l.h) * a.queries + l.t] = live ? (m + log2_(denom)) * kLn2<acc_t> : neg_inf<acc_t>();
+  const scalar_t* q_rows = a.q + l.b * a.queries * row + l.h * a.head_dim;
+  scalar_t* out_rows = a.out + l.b * a.queries * row + l.h * a.head_dim;
+  acc_t* lse_row = a.lse + (l.b * a.heads + l.h) * a.queries;
+
+  for (int64_t base = range.begin; base < range.end; base += U * R) {
+    Packed<scalar_t> qp[U];
+    acc_t prev_lse[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int64_t t = base + u * R + l.sub;
+      const bool valid = t < range.end && dh > 0;
+      load_packed(qp[u], q_rows + t * row, l.off, valid ? dh : 0, a.vec);
+      prev_lse[u] = merge && valid ? lse_row[t] : acc_t(0);
+    }
+    // Every lane of a row reads the earlier chunks' lse before its leader overwrites it.
+    if (merge) __syncwarp();
+    acc_t s[U][C];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      acc_t qc[kElems];
+      unpack(qc, qp[u]);
+#pragma unroll
+      for (int r = 0; r < C; ++r) s[u][r] = r < nslot ? group_sum(dot(qc, kf[r]), G) : acc_t(0);
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int64_t t = base + u * R + l.sub;
+      if (t >= range.end) continue;
+      const bool live = t >= range.live;
+      if (merge && !live) continue;  // the first chunk already wrote 0 and -inf
+      acc_t m = neg_inf<acc_t>();
+#pragma unroll
+      for (int r = 0; r < C; ++r) {
+        if (r < nslot) m = max(m, s[u][r]);
+      }
+      acc_t o[kElems] = {}, denom = 0;
+#pragma unroll
+      for (int r = 0; r < C; ++r) {
+        if (r >= nslot) continue;
+        const acc_t weight = exp2_(s[u][r] - m);
+        denom += weight;
+#pragma unroll
+        for (int e = 0; e < kElems; ++e) o[e] += weight * vf[r][e];
+      }
+      acc_t lse = (m + log2_(denom)) * kLn2<acc_t>;
+      acc_t factor = acc_t(1) / denom;
+      scalar_t* out_row = out_rows + t * row;
+      if (!live) {
+        factor = 0;
+        lse = neg_inf<acc_t>();
+      } else if (merge) {  // combine with the earlier chunks: a log-sum-exp weighted mean
+        const acc_t top = max(prev_lse[u], lse);
+        const acc_t total = top + log_(exp_(prev_lse[u] - top) + exp_(lse - top));
+        acc_t prev[kElems];
+        load_chunk(prev, out_row, l.off, dh, a.vec);
+        const acc_t w_prev = exp_(prev_lse[u] - total), w_this = exp_(lse - total) / denom;
+#pragma unroll
+        for (int e = 0; e < kElems; ++e) o[e] = prev[e] * w_prev + o[e] * w_this;
+        factor = 1;
+        lse = total;
+      }
+      store_chunk(out_row, o, factor, l.off, dh, a.vec, false);
+      if (l.leader) lse_row[t] = lse;
+    }
   }
 }
 
@@ -658,77 +653,13 @@ __global__ void __launch_bounds__(kWarp* kWarpsPerBlock) decoder_backward_kernel
     store_chunk(a.dv + k_base + r * row, dvf[r], acc_t(1), l.off, dh, a.vec, false);
   }
 }
-
-// Ends of the patches (inclusive cumulative lengths) and, for the decoder, the patch each byte
-// reads: d(t) = the last non-empty patch p with e_p - 1 <= t, or -1 (BLT_SPEC.md f). One block per
-// batch row: a scan of the lengths gives the ends, every non-empty patch marks its byte e_p - 1,
-// and a running maximum over the bytes spreads the marks (a patch's index grows with its end).
-constexpr int kIndexThreads = 1024;
-
-__global__ void __launch_bounds__(kIndexThreads) patch_index_kernel(const int64_t* __restrict__ lengths,
-                                                                    int64_t* __restrict__ ends,
-                                                                    int32_t* __restrict__ byte_patch,
-                                                                    int64_t patches, int64_t bytes) {
-  __shared__ int64_t sums[kIndexThreads / kWarp];
-  __shared__ int32_t maxima[kIndexThreads / kWarp];
-  const int64_t b = blockIdx.x;
-  lengths += b * patches;
-  ends += b * patches;
-  const int64_t patch_run = (patches + kIndexThreads - 1) / kIndexThreads;
-  const int64_t p_begin = min(threadIdx.x * patch_run, patches), p_end = min(p_begin + patch_run, patches);
-  int64_t run_sum = 0;
-  for (int64_t p = p_begin; p < p_end; ++p) run_sum += lengths[p];
-  int64_t total_length;
-  int64_t end = block_exclusive_scan<kIndexThreads>(run_sum, int64_t{0}, Sum{}, sums, total_length);
-  if (byte_patch == nullptr) {
-    for (int64_t p = p_begin; p < p_end; ++p) ends[p] = end += lengths[p];
-    return;
-  }
-  byte_patch += b * bytes;
-  const int64_t byte_run = (bytes + kIndexThreads - 1) / kIndexThreads;
-  const int64_t t_begin = min(threadIdx.x * byte_run, bytes), t_end = min(t_begin + byte_run, bytes);
-  for (int64_t t = t_begin; t < t_end; ++t) byte_patch[t] = -1;
-  __syncthreads();  // every byte is cleared before any mark lands
-  for (int64_t p = p_begin; p < p_end; ++p) {
-    const int64_t length = lengths[p];
-    ends[p] = end += length;
-    if (length > 0 && end >= 1 && end <= bytes) byte_patch[end - 1] = static_cast<int32_t>(p);
-  }
-  __syncthreads();  // every mark is placed before the bytes are scanned
-  int32_t run_max = -1;
-  for (int64_t t = t_begin; t < t_end; ++t) run_max = max(run_max, byte_patch[t]);
-  int32_t overall;
-  int32_t last = block_exclusive_scan<kIndexThreads>(run_max, int32_t{-1}, Max{}, maxima, overall);
-  for (int64_t t = t_begin; t < t_end; ++t) byte_patch[t] = last = max(last, byte_patch[t]);
-}
-
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
-// Where the patches lie: their ends and, for the decoder, the patch each byte reads.
-struct PatchIndex {
-  at::Tensor ends;        // [B, P] int64
-  at::Tensor byte_patch;  // [B, T] int32, for the decoder forward only
-};
-
-PatchIndex patch_index(const at::Tensor& lengths, const AttentionShape& s, bool with_byte_patch, const char* op) {
-  PatchIndex index{at::empty({s.batch, s.patches}, lengths.options()), {}};
-  if (with_byte_patch) index.byte_patch = at::empty({s.batch, s.bytes}, lengths.options().dtype(at::kInt));
-  if (s.batch == 0 || (s.patches == 0 && !(with_byte_patch && s.bytes > 0))) return index;
-  TORCH_CHECK(s.patches < (int64_t{1} << 31), "blt_ext.", op, ": patch_lengths.size(1) (P) must be below 2^31 on CUDA, got ",
-              std::to_string(s.patches));
-  patch_index_kernel<<<static_cast<unsigned>(s.batch), kIndexThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-      lengths.const_data_ptr<int64_t>(), index.ends.mutable_data_ptr<int64_t>(),
-      with_byte_patch ? index.byte_patch.mutable_data_ptr<int32_t>() : nullptr, s.patches, s.bytes);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return index;
-}
-
 template <typename scalar_t>
-Args<scalar_t> make_args(const AttentionShape& s, const at::Tensor& lengths, const PatchIndex& index, double scale) {
+Args<scalar_t> make_args(const AttentionShape& s, const at::Tensor& lengths, const at::Tensor& ends, double scale) {
   Args<scalar_t> a{};
   a.lengths = lengths.const_data_ptr<int64_t>();
-  a.ends = index.ends.const_data_ptr<int64_t>();
-  a.byte_patch = index.byte_patch.defined() ? index.byte_patch.const_data_ptr<int32_t>() : nullptr;
+  a.ends = ends.const_data_ptr<int64_t>();
   a.batch = s.batch;
   a.patches = s.patches;
   a.heads = s.heads;
@@ -744,55 +675,37 @@ Args<scalar_t> make_args(const AttentionShape& s, const at::Tensor& lengths, con
   a.heads_per_warp = 1;
   while (a.heads_per_warp < kWarp / a.group && a.heads_per_warp < s.heads) a.heads_per_warp <<= 1;
   a.head_groups = (s.heads + a.heads_per_warp - 1) / a.heads_per_warp;
-  const int subs = kWarp / (a.group * a.heads_per_warp);
-  a.byte_groups = (s.bytes + subs - 1) / subs;
   return a;
 }
 
-// Calls launch(std::integral_constant<int, C>) with the slot rows a kernel holds at once: all of
-// them up to kMaxChunk.
-template <typename Launch>
-void with_slot_step(int64_t slots, Launch launch) {
-  if (slots <= 1) {
-    launch(std::integral_constant<int, 1>{});
-  } else if (slots <= 2) {
-    launch(std::integral_constant<int, 2>{});
-  } else {
-    launch(std::integral_constant<int, kMaxChunk>{});
-  }
+// Warps of a launch: one per (b, p, head group).
+template <typename scalar_t>
+int64_t warp_count(const Args<scalar_t>& a) {
+  return a.batch * a.patches * a.head_groups;
 }
 
-dim3 grid_of(int64_t warps, const char* what) {
-  TORCH_CHECK(warps < (int64_t{1} << 31), "blt_ext.patch_cross_attention: ", what, " must be below 2^31, got ",
-              std::to_string(warps));
-  return dim3(static_cast<unsigned>((warps + kWarpsPerBlock - 1) / kWarpsPerBlock));
-}
-
-// Runs a patch-major kernel<C> over every (b, p, head group) warp, once per chunk of at most
-// kMaxChunk slots.
+// Runs kernel<C> over every (b, p, head group) warp, once per chunk of at most kMaxChunk slots.
 template <typename scalar_t, typename Launch>
 void launch_chunks(Args<scalar_t> a, Launch launch) {
-  const int64_t warps = a.batch * a.patches * a.head_groups;
+  const int64_t warps = warp_count(a);
   if (warps == 0) return;
-  const dim3 grid = grid_of(warps, "B * P * ceil(H / heads per warp)");
-  const int64_t chunk = a.slots <= 2 ? a.slots : kMaxChunk;
+  TORCH_CHECK(warps < (int64_t{1} << 31),
+              "blt_ext.patch_cross_attention: B * P * ceil(H / heads per warp) must be below 2^31, got ", std::to_string(warps));
+  const dim3 grid(static_cast<unsigned>((warps + kWarpsPerBlock - 1) / kWarpsPerBlock));
+  const dim3 block(kWarp * kWarpsPerBlock);
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  const int64_t chunk = a.slots <= 1 ? 1 : (a.slots <= 2 ? 2 : kMaxChunk);
   for (a.chunk_begin = 0; a.chunk_begin < a.slots; a.chunk_begin += chunk) {
-    with_slot_step(chunk, [&](auto c) { launch(c, grid, a); });
+    if (chunk == 1) {
+      launch(std::integral_constant<int, 1>{}, grid, block, stream, a);
+    } else if (chunk == 2) {
+      launch(std::integral_constant<int, 2>{}, grid, block, stream, a);
+    } else {
+      launch(std::integral_constant<int, kMaxChunk>{}, grid, block, stream, a);
+    }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 }
-
-// Runs the byte-major kernel<C> over every (b, byte group, head group) warp; it walks all slots.
-template <typename scalar_t, typename Launch>
-void launch_bytes(const Args<scalar_t>& a, Launch launch) {
-  const int64_t warps = a.batch * a.byte_groups * a.head_groups;
-  if (warps == 0) return;
-  const dim3 grid = grid_of(warps, "B * ceil(T / bytes per warp) * ceil(H / heads per warp)");
-  with_slot_step(a.slots, [&](auto c) { launch(c, grid, a); });
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
-constexpr unsigned kBlockThreads = kWarp * kWarpsPerBlock;
 
 }  // namespace
 
@@ -804,28 +717,27 @@ std::tuple<at::Tensor, at::Tensor> patch_cross_attention(const at::Tensor& q, co
   const AttentionShape s = patch_attention::check_inputs(q, k, v, patch_lengths, slots, direction, op);
   const c10::cuda::CUDAGuard guard(q.device());
   const auto lengths = patch_lengths.contiguous();
-  const PatchIndex index = patch_index(lengths, s, /*byte_patch=*/s.direction == Direction::kDecoder, op);
+  const auto ends = at::cumsum(lengths, 1);
   auto out = at::empty_like(q);
   auto lse = at::empty({s.batch, s.heads, s.queries}, q.options().dtype(patch_attention::lse_dtype(q)));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "patch_cross_attention", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    auto a = make_args<scalar_t>(s, lengths, index, scale);
+    auto a = make_args<scalar_t>(s, lengths, ends, scale);
     a.q = q.const_data_ptr<scalar_t>();
     a.k = k.const_data_ptr<scalar_t>();
     a.v = v.const_data_ptr<scalar_t>();
     a.out = out.mutable_data_ptr<scalar_t>();
     a.lse = lse.mutable_data_ptr<acc_t>();
     a.vec = s.head_dim % kElems == 0 && aligned16(a.q) && aligned16(a.k) && aligned16(a.v) && aligned16(a.out);
-    const auto stream = c10::cuda::getCurrentCUDAStream();
-    if (s.direction == Direction::kEncoder) {
-      launch_chunks(a, [&](auto c, dim3 grid, const Args<scalar_t>& args) {
-        encoder_forward_kernel<scalar_t, decltype(c)::value><<<grid, kBlockThreads, 0, stream>>>(args);
-      });
-    } else {
-      launch_bytes(a, [&](auto c, dim3 grid, const Args<scalar_t>& args) {
-        decoder_forward_kernel<scalar_t, decltype(c)::value><<<grid, kBlockThreads, 0, stream>>>(args);
-      });
-    }
+    const bool encoder = s.direction == Direction::kEncoder;
+    launch_chunks(a, [&](auto c, dim3 grid, dim3 block, cudaStream_t stream, const Args<scalar_t>& args) {
+      constexpr int C = decltype(c)::value;
+      if (encoder) {
+        encoder_forward_kernel<scalar_t, C><<<grid, block, 0, stream>>>(args);
+      } else {
+        decoder_forward_kernel<scalar_t, C><<<grid, block, 0, stream>>>(args);
+      }
+    });
   });
   return {out, lse};
 }
@@ -839,14 +751,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> patch_cross_attention_backward(
   patch_attention::check_backward_inputs(grad_output, output, lse, q, s, op);
   const c10::cuda::CUDAGuard guard(q.device());
   const auto lengths = patch_lengths.contiguous();
-  // The backward kernels are all patch-major: they need the ends alone.
-  const PatchIndex index = patch_index(lengths, s, /*byte_patch=*/false, op);
+  const auto ends = at::cumsum(lengths, 1);
   auto dq = at::empty_like(q);
   auto dk = at::empty_like(k);
   auto dv = at::empty_like(v);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "patch_cross_attention_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    auto a = make_args<scalar_t>(s, lengths, index, scale);
+    auto a = make_args<scalar_t>(s, lengths, ends, scale);
     a.q = q.const_data_ptr<scalar_t>();
     a.k = k.const_data_ptr<scalar_t>();
     a.v = v.const_data_ptr<scalar_t>();
@@ -863,14 +774,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> patch_cross_attention_backward(
                           static_cast<const void*>(a.dv)}) {
       a.vec = a.vec && aligned16(p);
     }
-    const auto stream = c10::cuda::getCurrentCUDAStream();
     const bool encoder = s.direction == Direction::kEncoder;
-    launch_chunks(a, [&](auto c, dim3 grid, const Args<scalar_t>& args) {
+    launch_chunks(a, [&](auto c, dim3 grid, dim3 block, cudaStream_t stream, const Args<scalar_t>& args) {
       constexpr int C = decltype(c)::value;
       if (encoder) {
-        encoder_backward_kernel<scalar_t, C><<<grid, kBlockThreads, 0, stream>>>(args);
+        encoder_backward_kernel<scalar_t, C><<<grid, block, 0, stream>>>(args);
       } else {
-        decoder_backward_kernel<scalar_t, C><<<grid, kBlockThreads, 0, stream>>>(args);
+        decoder_backward_kernel<scalar_t, C><<<grid, block, 0, stream>>>(args);
       }
     });
   });
