@@ -1,6 +1,7 @@
-"""The whole BLT model, forward and forward + backward: ours with the ext ops, ours with the
-pure-PyTorch twins (backend "torch", the same module with its op switch flipped, so the same
-weights), and ``transformers.BltForCausalLM`` loaded with those weights.
+"""The whole BLT model, forward and forward + backward: ours with the ext ops (eager, with its
+layers compiled, and on CUDA with flex_attention), ours with the pure-PyTorch twins (backend
+"torch", the same module with its op switch flipped, so the same weights), and
+``transformers.BltForCausalLM`` (eager, as users run it) loaded with those weights.
 
 CUDA: preset ``blt-1b`` (random weights), bf16, B=1, T=8192 bytes. CPU: ``blt-tiny``, fp32, B=1,
 T=512. Every side gets the same explicit patch lengths (mean 4.5 bytes, first patch one byte), so
@@ -11,9 +12,10 @@ no entropy model runs and the timings compare the byte/patch model alone.
 both models stay resident through the run, so the absolute peak would not tell providers apart);
 ``resident_mb`` is that baseline.
 
-Before anything is timed, the fixture checks that the three providers produce the same logits,
-in fp32 (relative norm of the difference <= 1e-4) and, after the cast, in bf16 (a loose bound),
-so that no wrong model is ever timed; ``rel_diff_vs_transformers_<dtype>`` records them.
+Before anything is timed, the fixture checks that the providers produce the same logits, in
+fp32 (relative norm of the difference <= 1e-4; on CUDA not for the compiled layers, see
+prepared_models) and, after the cast, in bf16 (a loose bound), so that no wrong model is ever
+timed; ``rel_diff_vs_transformers_<dtype>`` records them.
 """
 
 import os
@@ -32,9 +34,11 @@ if ON_CUDA:
     PRESET, DTYPE, BATCH, SEQ = "blt-1b", torch.bfloat16, 1, 8192
 else:
     PRESET, DTYPE, BATCH, SEQ = "blt-tiny", torch.float32, 1, 512
-# ext+flex: the ext ops with the stock self-attention through flex_attention (block-sparse masks)
-# instead of SDPA with a dense mask; on CUDA only, where flex_attention compiles to a fused kernel.
-PROVIDERS = ("ext", "torch", "transformers") + (("ext+flex",) if ON_CUDA else ())
+# ext+compile: the ext ops with every transformer block and cross-attention compiled
+# (ByteLatentTransformer.compile_layers). ext+flex: the ext ops with the stock self-attention
+# through flex_attention (block-sparse masks); on CUDA only, where flex_attention compiles to a
+# fused kernel.
+PROVIDERS = ("ext", "torch", "transformers", "ext+compile") + (("ext+flex",) if ON_CUDA else ())
 DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float32: "fp32"}
 DTYPE_NAME = DTYPE_NAMES[DTYPE]
 
@@ -100,7 +104,9 @@ def make_forward(provider, ours, hf):
     """
     if provider == "transformers":
         return lambda x, pl, hf_pl: hf(x, patch_lengths=hf_pl, use_cache=False).logits
-    ours.backend, ours.attn_impl = ("ext", "flex") if provider == "ext+flex" else (provider, "sdpa")
+    ours.backend = "torch" if provider == "torch" else "ext"
+    ours.attn_impl = "flex" if provider == "ext+flex" else "sdpa"
+    ours.compile_layers(provider == "ext+compile", dynamic=False)
     return lambda x, pl, hf_pl: ours(x, pl)
 
 
@@ -134,10 +140,13 @@ def prepared_models():
     for dtype in dict.fromkeys((torch.float32, DTYPE)):
         ours.to(dtype)
         hf.to(dtype)
+        # Compiling blt-1b's layers costs minutes per dtype: on CUDA the compiled layers are
+        # checked in DTYPE only (their fp32 agreement with eager is a test, tests/test_model.py).
+        checked = [p for p in PROVIDERS if not (ON_CUDA and dtype != DTYPE and p == "ext+compile")]
         with torch.no_grad():
-            logits = {p: make_forward(p, ours, hf)(inputs[0], *inputs[2:]) for p in PROVIDERS}
+            logits = {p: make_forward(p, ours, hf)(inputs[0], *inputs[2:]) for p in checked}
         rel[DTYPE_NAMES[dtype]] = check_agreement(logits, dtype)
-    ours.backend, ours.attn_impl = "ext", "sdpa"
+    make_forward("ext", ours, hf)
     if ON_CUDA:
         torch.cuda.empty_cache()
     return ours, hf, inputs, rel
@@ -147,7 +156,7 @@ def prepared_models():
 def setup():
     ours, hf, inputs, rel = prepared_models()
     yield ours, hf, inputs, rel
-    ours.backend, ours.attn_impl = "ext", "sdpa"
+    make_forward("ext", ours, hf)
 
 
 def step(forward, models, x, targets, pl, hf_pl):
@@ -190,7 +199,8 @@ def test_model(benchmark, setup, backward, provider):
     benchmark.extra_info["bytes_per_s"] = BATCH * SEQ / (median_ms / 1e3)
     benchmark.extra_info["patches"] = int((pl > 0).sum())
     for name, values in rel.items():
-        benchmark.extra_info[f"rel_diff_vs_transformers_{name}"] = values[provider]
+        if provider in values:
+            benchmark.extra_info[f"rel_diff_vs_transformers_{name}"] = values[provider]
     if provider == "transformers":
         benchmark.extra_info["attn_implementation"] = hf.config._attn_implementation
     if ON_CUDA:

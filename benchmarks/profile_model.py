@@ -231,7 +231,7 @@ def main(argv=None):
 
     ours, hf, inputs, _ = prepared_models()
     results = {p: profile_provider(p, ours, hf, inputs, args.repeat, args.top) for p in args.providers}
-    ours.backend = "ext"
+    make_forward("ext", ours, hf)  # the model as it was: ext ops, eager
     title = (f"One training step (forward + cross-entropy + backward), {PRESET} B{BATCH} T{SEQ} {DTYPE_NAME} on "
              f"{torch.cuda.get_device_name() if ON_CUDA else 'CPU'}, {int((inputs[2] > 0).sum())} patches")
     text = f"{title}\n\n{table(results)}\n"

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from blt_ext.model import ByteLatentTransformer, ByteTokenizer, next_byte_loss, preset
-from blt_ext.model.layers import document_ids, rope_angles, self_attention_mask
-from blt_ext.nn import backend_ops
+from blt_ext.model.layers import TransformerBlock, document_ids, rope_angles, self_attention_mask
+from blt_ext.nn import PatchCrossAttention, backend_ops
 
 TOK = ByteTokenizer()
 
@@ -222,25 +222,49 @@ def test_flex_attention_gives_the_sdpa_logits(device):
 # ---- backends -------------------------------------------------------------------------------
 
 
+def loss_and_grads(model, batch, lengths):
+    """(loss, {parameter name: gradient}) of one next-byte loss on ``batch`` with ``lengths``."""
+    model.zero_grad()
+    loss = model.loss(batch.ids, batch.mask, lengths).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def assert_same_loss_and_grads(got, expected):
+    (loss, grads), (expected_loss, expected_grads) = got, expected
+    torch.testing.assert_close(loss, expected_loss, atol=1e-5, rtol=1e-5)
+    assert grads.keys() == expected_grads.keys() and len(grads) > 0
+    for name in grads:
+        torch.testing.assert_close(grads[name], expected_grads[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
 def test_backends_give_the_same_logits_and_gradients(device):
     model = build(backend="ext", device=device)
     batch = TOK.batch_encode([TEXT, "a shorter row"], device=device)
     lengths = model.patch(batch.ids[:, :-1]).patch_lengths
-    grads = {}
+    results = {}
     for backend in ("ext", "torch"):
         model.backend = backend
         assert all(m.backend == backend for m in model.modules() if hasattr(m, "_backend"))
-        model.zero_grad()
-        loss = model.loss(batch.ids, batch.mask, lengths)
-        loss.loss.backward()
-        grads[backend] = (loss.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
-    (loss_ext, g_ext), (loss_torch, g_torch) = grads["ext"], grads["torch"]
-    torch.testing.assert_close(loss_ext, loss_torch, atol=1e-5, rtol=1e-5)
-    assert g_ext.keys() == g_torch.keys() and len(g_ext) > 0
-    for name in g_ext:
-        torch.testing.assert_close(g_ext[name], g_torch[name], atol=1e-5, rtol=1e-4, msg=name)
+        results[backend] = loss_and_grads(model, batch, lengths)
+    assert_same_loss_and_grads(results["ext"], results["torch"])
     with pytest.raises(ValueError, match="backend must be one of"):
         model.backend = "cuda"
+
+
+def test_compiled_layers_give_the_eager_loss_and_gradients(device):
+    model = build(backend="ext", device=device)
+    batch = TOK.batch_encode([TEXT, "a shorter row"], device=device)
+    lengths = model.patch(batch.ids[:, :-1]).patch_lengths
+    names = list(model.state_dict())
+    layers = [m for m in model.modules() if isinstance(m, (TransformerBlock, PatchCrossAttention))]
+    eager = loss_and_grads(model, batch, lengths)
+    assert model.compile_layers(dynamic=False) is model
+    assert layers and all("forward" in vars(m) for m in layers)
+    assert_same_loss_and_grads(loss_and_grads(model, batch, lengths), eager)
+    assert list(model.state_dict()) == names  # checkpoints keep their keys
+    model.compile_layers(False)
+    assert not any("forward" in vars(m) for m in layers)
 
 
 def test_backend_names_resolve_to_op_namespaces():
