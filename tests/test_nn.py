@@ -153,14 +153,23 @@ def test_entropy_patcher_runs_any_byte_lm_without_gradients(device):
         EntropyPatcher(mode="bpe")
 
 
-def test_rmsnorm_computes_in_fp32():
-    x = torch.randn(3, 8).to(torch.bfloat16)
-    norm = RMSNorm(8)
+def test_rmsnorm_computes_in_fp32(device):
+    x = torch.randn(3, 8, device=device).to(torch.bfloat16).requires_grad_()
+    norm = RMSNorm(8, device=device)
     with torch.no_grad():
         norm.weight.uniform_()
-    xf = x.float()
-    expected = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-5) * norm.weight).to(torch.bfloat16)
-    assert torch.equal(norm(x), expected)
+    out = norm(x)
+    out.float().square().sum().backward()
+    xf = x.detach().float().requires_grad_()
+    weight = norm.weight.detach().clone().requires_grad_()
+    expected = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-5) * weight).to(torch.bfloat16)
+    expected.float().square().sum().backward()
+    if device.type == "cpu":  # the same fp32 operations
+        assert torch.equal(out, expected)
+    else:  # one fused kernel: its own fp32 summation order, so at most a bf16 rounding apart
+        torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(x.grad, xf.grad.to(torch.bfloat16))
+    torch.testing.assert_close(norm.weight.grad, weight.grad)
 
 
 def test_backend_is_validated():
