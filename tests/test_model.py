@@ -200,7 +200,8 @@ def test_forward_with_explicit_patches_compiles_to_one_graph(device):
     tokens = encode(TEXT, device)
     lengths = model.patch(tokens).patch_lengths
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")  # graph capture, no codegen
-    torch.testing.assert_close(compiled(tokens, lengths), model(tokens, lengths), atol=1e-6, rtol=1e-6)
+    # RoPE rotates with complex products in eager and with real ones when compiled: fp32 rounding apart
+    torch.testing.assert_close(compiled(tokens, lengths), model(tokens, lengths), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")

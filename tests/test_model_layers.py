@@ -28,9 +28,9 @@ def encode(text):
 
 
 def test_rope_rotates_adjacent_pairs():
-    rotations = rope_angles(torch.tensor([1]), head_dim=4, theta=10000.0)  # frequencies 1 and 0.01
+    cos, sin = rope_angles(torch.tensor([1]), head_dim=4, theta=10000.0)  # frequencies 1 and 0.01
     x = torch.tensor([[[[1.0, 0.0, 0.0, 1.0]]]])  # [B, S, H, D]
-    out = apply_rope(x, rotations).flatten()
+    out = apply_rope(x, cos, sin).flatten()
     expected = torch.tensor([math.cos(1), math.sin(1), -math.sin(0.01), math.cos(0.01)])
     torch.testing.assert_close(out, expected)
 
@@ -38,8 +38,9 @@ def test_rope_rotates_adjacent_pairs():
 def test_rope_scores_depend_on_relative_position_only():
     q, k = torch.randn(2, 1, 1, 8)
     def score(pq, pk):
-        rq, rk = rope_angles(torch.tensor([pq]), 8, 500000.0), rope_angles(torch.tensor([pk]), 8, 500000.0)
-        return (apply_rope(q[None], rq) * apply_rope(k[None], rk)).sum()
+        cq, sq = rope_angles(torch.tensor([pq]), 8, 500000.0)
+        ck, sk = rope_angles(torch.tensor([pk]), 8, 500000.0)
+        return (apply_rope(q[None], cq, sq) * apply_rope(k[None], ck, sk)).sum()
     torch.testing.assert_close(score(5, 2), score(105, 102), atol=1e-5, rtol=1e-5)
 
 

@@ -32,27 +32,34 @@ def _flex_attention(device: torch.device):
     return _compiled_flex
 
 
-def rope_angles(positions: torch.Tensor, head_dim: int, theta: float) -> torch.Tensor:
-    """RoPE rotations cos + i sin [..., head_dim / 2] (complex64, fp32 parts) for integer
-    ``positions`` [...]: angle = pos * theta^(-2i/d)."""
+def rope_angles(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [..., head_dim / 2] (fp32) for integer ``positions`` [...]: angle = pos * theta^(-2i/d)."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
     angles = positions.to(torch.float32).unsqueeze(-1) * inv_freq
-    return torch.complex(angles.cos(), angles.sin())
+    return angles.cos(), angles.sin()
 
 
-def rope_for_length(seq_len: int, head_dim: int, theta: float, device) -> torch.Tensor:
-    """RoPE rotations for positions 0..seq_len-1 (absolute within the row, as the original)."""
+def rope_for_length(seq_len: int, head_dim: int, theta: float, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """RoPE cos, sin for positions 0..seq_len-1 (absolute within the row, as the original)."""
     return rope_angles(torch.arange(seq_len, device=device), head_dim, theta)
 
 
-def apply_rope(x: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
-    """Rotate adjacent pairs (x0, x1), (x2, x3), ... of ``x`` [B, S, H, D] (interleaved RoPE):
-    each pair as the complex number x0 + i x1 times its rotation, as the original's complex
-    form, in fp32 and cast back. ``rotations`` [S, D/2] or [B, S, D/2] from :func:`rope_angles`.
-    One complex product instead of the pairs' four real ones and a stack: fewer kernels per call.
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate adjacent pairs (x0, x1), (x2, x3), ... of ``x`` [B, S, H, D] (interleaved RoPE).
+
+    ``cos``/``sin`` are [S, D/2] or [B, S, D/2]; computed in fp32 and cast back, as the original.
     """
-    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
-    return torch.view_as_real(pairs * rotations.unsqueeze(-2)).flatten(-2).type_as(x)  # broadcast over heads
+    xf = x.float().unflatten(-1, (-1, 2))
+    cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)  # broadcast over heads
+    if torch.compiler.is_compiling():
+        # Real arithmetic, which inductor fuses into one kernel (it generates no code for complex ops).
+        x0, x1 = xf[..., 0], xf[..., 1]
+        out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
+    else:
+        # Eager: each pair as x0 + i x1 times cos + i sin (the original's complex form), three kernels
+        # where the real form launches eight.
+        out = torch.view_as_real(torch.view_as_complex(xf) * torch.complex(cos, sin))
+    return out.flatten(-2).type_as(x)
 
 
 def check_tokens(tokens: torch.Tensor, weight: torch.Tensor, where: str) -> None:
@@ -278,11 +285,11 @@ class SelfAttention(nn.Module):
         self.o_proj = nn.Linear(n_heads * self.head_dim, dim, bias=False)
 
     def forward(
-        self, x: torch.Tensor, rope: torch.Tensor, mask: AttentionMask, cache: KVCache | None = None
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: AttentionMask, cache: KVCache | None = None
     ) -> torch.Tensor:
         b, s, _ = x.shape
-        q = apply_rope(self.q_proj(x).view(b, s, self.n_heads, self.head_dim), rope).transpose(1, 2)
-        k = apply_rope(self.k_proj(x).view(b, s, self.n_kv_heads, self.head_dim), rope).transpose(1, 2)
+        q = apply_rope(self.q_proj(x).view(b, s, self.n_heads, self.head_dim), *rope).transpose(1, 2)
+        k = apply_rope(self.k_proj(x).view(b, s, self.n_kv_heads, self.head_dim), *rope).transpose(1, 2)
         v = self.v_proj(x).view(b, s, self.n_kv_heads, self.head_dim).transpose(1, 2)
         if cache is not None:
             k, v = cache.extend(k, v, mask.first_key)
@@ -307,7 +314,7 @@ class TransformerBlock(nn.Module):
         self.mlp = FeedForward(dim, ffn_dim)
 
     def forward(
-        self, x: torch.Tensor, rope: torch.Tensor, mask: AttentionMask, cache: KVCache | None = None
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: AttentionMask, cache: KVCache | None = None
     ) -> torch.Tensor:
         """``cache``: earlier positions' keys and values; x then holds only the new positions and
         ``mask`` [B, 1, new, all] relates them to every cached position and to each other."""
