@@ -223,10 +223,10 @@ _TRAIN_FIELDS = {
     "min_lr_ratio": "min_lr_ratio", "warmup": "warmup_steps", "weight_decay": "weight_decay",
     "grad_clip": "grad_clip", "eval_every": "eval_every", "eval_batches": "eval_batches",
     "checkpoint_every": "checkpoint_every", "seed": "seed", "device": "device", "precision": "precision",
-    "backend": "backend", "entropy_model": "entropy_model", "entropies": "entropies",
+    "backend": "backend", "compile": "compile", "entropy_model": "entropy_model", "entropies": "entropies",
     "threshold": "threshold", "target_patch_size": "target_patch_size", "max_patch_length": "max_patch_length",
 }
-_RESUME_FIELDS = {"steps", "device", "precision", "eval_every", "checkpoint_every"}
+_RESUME_FIELDS = {"steps", "device", "precision", "compile", "eval_every", "checkpoint_every"}
 
 
 def _option(field: str) -> str:
@@ -572,6 +572,9 @@ def _train_parser(sub):
     p.add_argument("--device", type=device_name, help="auto (default), cpu, cuda")
     p.add_argument("--precision", choices=PRECISIONS, help="auto (default): bf16 autocast on CUDA, fp32 on CPU")
     p.add_argument("--backend", choices=("ext", "torch"), help="BLT ops: ext kernels (default) or torch twins")
+    p.add_argument("--compile", action="store_true", default=None,
+                   help="the model's layers through torch.compile: fewer, fused kernels per step after a "
+                        "compilation at the start (minutes for a large model)")
     p.add_argument("--entropy-model", type=existing_dir, metavar="DIR", help="blt: the frozen entropy model")
     p.add_argument("--entropies", choices=ENTROPY_SOURCES, help="blt: on-the-fly (default) or cached")
     p.add_argument("--threshold", type=float_in(), help="blt: entropy threshold in nats")

@@ -68,6 +68,7 @@ from .data import (
 )
 from .model import PRESETS, BLTConfig, ByteLatentTransformer, EntropyModel, EntropyModelConfig, preset
 from .model.config import dataclass_from_dict
+from .model.layers import compile_layers
 from .model.loss import LossOutput, next_byte_loss
 from .nn import BACKENDS, backend_ops
 
@@ -126,6 +127,7 @@ class TrainConfig:
     device: str = "auto"  # "auto": cuda when available
     precision: str = "auto"  # "auto": bf16 autocast on CUDA, fp32 elsewhere
     backend: str = "ext"  # BLT ops: "ext" kernels or "torch" twins
+    compile: bool = False  # the model's layers through torch.compile (blt_ext.model.layers.compile_layers)
     out: str | None = None  # run directory (checkpoint, log, exported model)
     # BLT only
     entropy_model: str | None = None  # entropy model dir (ours) or a BLT checkpoint dir
@@ -163,6 +165,7 @@ class TrainConfig:
         need(self.grad_clip >= 0, "grad_clip", ">= 0")
         need(self.precision in PRECISIONS, "precision", f"one of {PRECISIONS}")
         need(self.backend in BACKENDS, "backend", f"one of {BACKENDS}")
+        need(isinstance(self.compile, bool), "compile", "True or False")
         need(self.entropies in ENTROPY_SOURCES, "entropies", f"one of {ENTROPY_SOURCES}")
         need(self.threshold is None or math.isfinite(self.threshold), "threshold", "None or a finite number")
         need(self.target_patch_size >= 1, "target_patch_size", ">= 1")
@@ -592,6 +595,8 @@ class Trainer:
         if checkpoint is not None:  # the entropy cache below needs the trained entropy model
             self.model.load_state_dict(checkpoint["model"])
         self.model.to(self.device)
+        if c.compile:
+            compile_layers(self.model)
         self.optimizer = build_optimizer(self.model, c.lr, c.weight_decay, c.betas)
         self.scheduler = cosine_schedule(self.optimizer, c.warmup_steps, c.steps, c.min_lr_ratio)
         self.stream = BatchStream(torch.arange(self.train_rows.shape[0]).unsqueeze(1), c.batch_size, c.seed)
@@ -802,10 +807,10 @@ class Trainer:
                         verbose: bool = True, **overrides) -> Trainer:
         """A trainer continuing the run saved at ``path`` (checkpoint file or run directory).
 
-        ``overrides`` may change ``device``, ``precision``, ``out`` (default: the checkpoint's
-        directory), ``steps`` (to train longer), ``eval_every`` and ``checkpoint_every``.
+        ``overrides`` may change ``device``, ``precision``, ``compile``, ``out`` (default: the
+        checkpoint's directory), ``steps`` (to train longer), ``eval_every`` and ``checkpoint_every``.
         """
-        allowed = {"device", "precision", "out", "steps", "eval_every", "checkpoint_every"}
+        allowed = {"device", "precision", "compile", "out", "steps", "eval_every", "checkpoint_every"}
         bad = sorted(set(overrides) - allowed)
         if bad:
             raise ValueError(f"Trainer.from_checkpoint: cannot override {bad}; allowed: {sorted(allowed)}")

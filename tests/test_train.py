@@ -99,6 +99,16 @@ def test_entropy_training_lowers_held_out_bits_per_byte(corpus, tmp_path):
     assert isinstance(model, EntropyModel) and not any(p.requires_grad for p in model.parameters())
 
 
+def test_compiled_layers_train_with_the_eager_losses(corpus):
+    runs = {}
+    for compile_layers in (False, True):
+        trainer = Trainer(small(corpus, steps=3, eval_every=0, compile=compile_layers), progress=False, verbose=False)
+        blocks = list(trainer.model.layers)
+        assert all(("forward" in vars(b)) == compile_layers for b in blocks)
+        runs[compile_layers] = trainer.train().train_losses
+    assert runs[True] == pytest.approx(runs[False], rel=1e-4)
+
+
 def _stop_after(k):
     def callback(trainer, info):
         if info.step == k:
@@ -259,6 +269,7 @@ def test_resume_refuses_other_data(corpus, tmp_path):
     ("task", "gpt", "task must be one of"),
     ("entropies", "lazy", "entropies must be one of"),
     ("task", "blt", "entropy_model must be a directory"),
+    ("compile", "yes", "compile must be True or False"),
 ])
 def test_bad_settings_name_the_field(field, value, match):
     with pytest.raises(ValueError, match=match):

@@ -23,6 +23,7 @@ from .layers import (
     KVCache,
     TransformerBlock,
     check_tokens,
+    compile_layers,
     rope_angles,
     rope_for_length,
     self_attention_mask,
@@ -284,22 +285,10 @@ class ByteLatentTransformer(nn.Module):
         return self.patcher.entropy_model
 
     def compile_layers(self, enabled: bool = True, **compile_kwargs) -> ByteLatentTransformer:
-        """Run every transformer block and cross-attention (the entropy model's too) through
-        ``torch.compile`` (regional compilation: the layers of one kind share their compiled code),
-        or, with ``enabled=False``, eagerly again. Compiling fuses the fp32 norms, RoPE, SwiGLU and
-        residual adds into a few kernels and removes most of the per-op Python work: the eager model
-        launches thousands of small kernels per step. Parameters, checkpoints and the backend
-        switch are untouched. Each new input shape compiles once (``compile_kwargs`` go to
-        ``torch.compile``; ``dynamic=False`` suits fixed training shapes); decoding with KV caches
-        changes shapes at every step and is best left eager. Returns the model.
-        """
-        for module in self.modules():
-            if isinstance(module, (TransformerBlock, PatchCrossAttention)):
-                # An instance attribute shadows the class's forward; removing it restores eager.
-                module.__dict__.pop("forward", None)
-                if enabled:
-                    module.forward = torch.compile(module.forward, **compile_kwargs)
-        return self
+        """Every transformer block and cross-attention (the entropy model's too) through
+        ``torch.compile``, or eager again with ``enabled=False``: see
+        :func:`blt_ext.model.layers.compile_layers`. Returns the model."""
+        return compile_layers(self, enabled, **compile_kwargs)
 
     def reset_parameters(self) -> None:
         """Original init: truncated normals (±3σ), σ = fan_in^-0.5 (dim^-0.5 for embeddings), norms 1."""
