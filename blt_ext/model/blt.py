@@ -20,7 +20,7 @@ from .entropy_model import EntropyModel
 from .layers import (
     ATTN_IMPLS,
     AttentionMask,
-    KVCache,
+    LayerKV,
     TransformerBlock,
     check_tokens,
     compile_layers,
@@ -84,7 +84,7 @@ class LocalEncoder(nn.Module):
         layer_states = self.byte_states(self.embedding(tokens), rope, mask)
         return layer_states[-1], self.patch_slots(layer_states, patch_lengths)
 
-    def byte_states(self, h: torch.Tensor, rope, mask: AttentionMask, caches: list[KVCache] | None = None):
+    def byte_states(self, h: torch.Tensor, rope, mask: AttentionMask, caches: list[LayerKV] | None = None):
         """Every layer's output [B, T, De] from the embeddings ``h`` (with ``caches``: the new
         positions' outputs, earlier positions read from the caches)."""
         states = []
@@ -144,7 +144,7 @@ class GlobalTransformer(nn.Module):
         return self.run_layers(x, torch.arange(num_patches, device=x.device), mask)
 
     def run_layers(self, x: torch.Tensor, positions: torch.Tensor, mask: AttentionMask,
-                   caches: list[KVCache] | None = None) -> torch.Tensor:
+                   caches: list[LayerKV] | None = None) -> torch.Tensor:
         """The projection and every layer on patches at ``positions`` [P] (with ``caches``: the
         new patches, earlier ones read from the caches)."""
         if self.token_embedding_projection is not None:
@@ -191,7 +191,7 @@ class LocalDecoder(nn.Module):
         init_trunc_normal(proj.weight, proj.in_features**-0.5)
 
     def forward(self, h: torch.Tensor, patches: torch.Tensor, patch_lengths: torch.Tensor, mask: AttentionMask,
-                positions: torch.Tensor | None = None, caches: list[KVCache] | None = None):
+                positions: torch.Tensor | None = None, caches: list[LayerKV] | None = None):
         """``positions`` [T] of the bytes in ``h`` (0..T-1 by default); with ``caches`` h holds the
         new bytes only and earlier ones are read from the caches."""
         b, seq_len, _ = h.shape

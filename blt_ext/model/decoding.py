@@ -55,10 +55,10 @@ class BatchDecoder:
         self.device = model.lm_head.weight.device
         entropy_model = model.entropy_model
         self.cached_entropies = model.patcher.mode == "entropy" and isinstance(entropy_model, EntropyModel)
-        self.entropy_caches = [KVCache(rows) for _ in entropy_model.layers] if self.cached_entropies else []
-        self.encoder_caches = [KVCache(rows) for _ in model.local_encoder.layers]
-        self.global_caches = [KVCache(rows) for _ in model.global_transformer.layers]
-        self.decoder_caches = [KVCache(rows) for _ in model.local_decoder.layers]
+        self.entropy_cache = KVCache(len(entropy_model.layers), rows, self.device) if self.cached_entropies else None
+        self.encoder_cache = KVCache(len(model.local_encoder.layers), rows, self.device)
+        self.global_cache = KVCache(len(model.global_transformer.layers), rows, self.device)
+        self.decoder_cache = KVCache(len(model.local_decoder.layers), rows, self.device)
         self.rows = [_Row(len(model.local_encoder.layers)) for _ in range(rows)]
         self.context = max(model.local_encoder.embedding.ngram_sizes) - 1  # bytes a hash n-gram looks back
 
@@ -122,7 +122,7 @@ class BatchDecoder:
         if self.cached_entropies:
             entropy_model = self.model.entropy_model
             mask = incremental_mask(positions, span, doc_ids, entropy_model.config.sliding_window)
-            caches = [c.select(rows) for c in self.entropy_caches]
+            caches = self.entropy_cache.step(rows, ids.shape[1])
             entropies = patcher.ops.entropy(entropy_model.run_layers(ids, positions, mask, caches))
         layouts = []
         for i, state in enumerate(states):
@@ -153,7 +153,7 @@ class BatchDecoder:
         h = encoder.embedding(windows)[:, self.context :]
         mask = incremental_mask(positions, span, doc_ids, config.local_attention_window_len)
         rope = rope_angles(positions, encoder.head_dim, encoder.rope_theta)
-        new = encoder.byte_states(h, rope, mask, [c.select(rows) for c in self.encoder_caches])
+        new = encoder.byte_states(h, rope, mask, self.encoder_cache.step(rows, n))
         for i, state in enumerate(states):
             for kept, layer_states in zip(state.encoder_states, new):
                 kept.append(layer_states[i : i + 1])
@@ -186,7 +186,7 @@ class BatchDecoder:
         positions = torch.tensor(dones, device=self.device)[:, None] + torch.arange(new, device=self.device)
         span = (min(dones), max(dones) + new - 1)
         mask = incremental_mask(positions, span, self._padded(doc_ids, -1) if doc_ids else None, None)
-        caches = [c.select([row for row, _ in ready]) for c in self.global_caches]
+        caches = self.global_cache.step([row for row, _ in ready], new)
         out = self.model.global_transformer.run_layers(torch.cat(xs), positions, mask, caches)
         for i, (_, state) in enumerate(ready):
             state.patch_outputs.append(out[i : i + 1])
@@ -205,5 +205,5 @@ class BatchDecoder:
         # the last patch's output is never read (no byte's p(t + 1) - 1 reaches it): zeros
         patches = torch.cat([outputs, outputs.new_zeros(outputs.shape[0], 1, outputs.shape[2])], dim=1)
         mask = incremental_mask(positions, span, doc_ids, model.config.local_attention_window_len)
-        caches = [c.select(rows) for c in self.decoder_caches]
+        caches = self.decoder_cache.step(rows, positions.shape[1])
         return model.lm_head(model.local_decoder(h, patches, patch_lengths, mask, positions, caches)).float()

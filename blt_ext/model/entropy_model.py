@@ -9,7 +9,7 @@ from ..nn import RMSNorm, init_trunc_normal
 from .config import EntropyModelConfig
 from .layers import (
     AttentionMask,
-    KVCache,
+    LayerKV,
     TransformerBlock,
     check_tokens,
     rope_angles,
@@ -58,7 +58,7 @@ class EntropyModel(nn.Module):
         return self.run_layers(tokens, torch.arange(seq_len, device=tokens.device), mask)
 
     def run_layers(self, tokens: torch.Tensor, positions: torch.Tensor, mask: AttentionMask,
-                   caches: list[KVCache] | None = None) -> torch.Tensor:
+                   caches: list[LayerKV] | None = None) -> torch.Tensor:
         """fp32 logits of ``tokens`` at ``positions`` [T] (with ``caches``: the new positions only,
         earlier ones read from the caches)."""
         c = self.config

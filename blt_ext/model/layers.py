@@ -175,52 +175,69 @@ class GrowingTensor:
 
 
 class KVCache:
-    """Keys and values [R, Hkv, capacity, D] of one attention layer for R rows, each row filled
-    to its own length. Capacity doubles when needed; unused entries stay zero, so the masked
-    keys of shorter rows never bring NaN into the attention."""
+    """Keys and values [R, Hkv, capacity, D] of the attention layers of one model part for R rows,
+    each row filled to its own length. The layers of a part always take the same new positions,
+    so the rows' lengths and a step's write positions are kept once for all of them. Capacity
+    doubles when needed; unused entries stay zero, so the masked keys of shorter rows never bring
+    NaN into the attention."""
 
-    def __init__(self, rows: int = 1) -> None:
+    def __init__(self, layers: int, rows: int = 1, device: torch.device | str | None = None) -> None:
         self.lengths = [0] * rows
-        self.k: torch.Tensor | None = None
-        self.v: torch.Tensor | None = None
-        self.rows = [0]
+        self.device = device
+        self.k: list[torch.Tensor | None] = [None] * layers
+        self.v: list[torch.Tensor | None] = [None] * layers
 
-    def select(self, rows: list[int]) -> KVCache:
-        """The rows the next :meth:`extend` appends to (in its batch order); returns self."""
-        self.rows = rows
-        return self
-
-    def extend(self, k: torch.Tensor, v: torch.Tensor, first_key: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        """Append k, v [R', Hkv, n, D] at each selected row's length (n new positions for one
-        row, or one for each of several rows); returns the selected rows' keys and values from
-        position ``first_key`` to the longest row's end."""
-        rows, n = self.rows, k.shape[2]
+    def step(self, rows: list[int], n: int) -> list[LayerKV]:
+        """One :class:`LayerKV` per layer that appends ``n`` positions to each of ``rows`` (in the
+        batch's order): n positions of one row, or one position for each of several rows."""
+        if len(rows) > 1 and n != 1:
+            raise ValueError(f"KVCache.step: several rows take one position each, got {n}")
         starts = [self.lengths[r] for r in rows]
         end = max(starts) + n
-        self._reserve(k, end)
         if len(rows) == 1:
-            (row,), (start,) = rows, starts
-            self.k[row, :, start:end], self.v[row, :, start:end] = k[0], v[0]
-            picked = slice(row, row + 1)
+            picked = slice(rows[0], rows[0] + 1)
+            write = (picked, slice(starts[0], end))
         else:
-            if n != 1:
-                raise ValueError(f"KVCache.extend: several rows take one position each, got {n}")
-            index = torch.tensor(rows, device=k.device)
-            at = torch.tensor(starts, device=k.device)
-            self.k[index, :, at], self.v[index, :, at] = k[:, :, 0], v[:, :, 0]
+            # the write positions reach the device once per step, not once per layer
+            index = torch.tensor(rows, device=self.device)
+            write = (index, torch.tensor(starts, device=self.device))
             picked = slice(None) if rows == list(range(len(self.lengths))) else index  # all rows: a view
         for row in rows:
             self.lengths[row] += n
-        return self.k[picked, :, first_key:end], self.v[picked, :, first_key:end]
+        return [LayerKV(self, layer, write, picked, end) for layer in range(len(self.k))]
 
-    def _reserve(self, like: torch.Tensor, end: int) -> None:
-        if self.k is not None and end <= self.k.shape[2]:
+    def _reserve(self, layer: int, like: torch.Tensor, end: int) -> None:
+        old_k, old_v = self.k[layer], self.v[layer]
+        if old_k is not None and end <= old_k.shape[2]:
             return
         shape = (len(self.lengths), like.shape[1], max(2 * end, 64), like.shape[3])
         k, v = like.new_zeros(shape), like.new_zeros(shape)
-        if self.k is not None:
-            k[:, :, : self.k.shape[2]], v[:, :, : self.v.shape[2]] = self.k, self.v
-        self.k, self.v = k, v
+        if old_k is not None:
+            k[:, :, : old_k.shape[2]], v[:, :, : old_v.shape[2]] = old_k, old_v
+        self.k[layer], self.v[layer] = k, v
+
+
+class LayerKV(NamedTuple):
+    """One layer's part of a :meth:`KVCache.step`."""
+
+    cache: KVCache
+    layer: int
+    write: tuple  # (rows, positions) the new keys go to
+    picked: slice | torch.Tensor  # the rows read back
+    end: int  # the longest selected row's length after the step
+
+    def extend(self, k: torch.Tensor, v: torch.Tensor, first_key: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v [R', Hkv, n, D]; returns the selected rows' keys and values from position
+        ``first_key`` to the longest row's end."""
+        cache, layer = self.cache, self.layer
+        cache._reserve(layer, k, self.end)
+        rows, positions = self.write
+        if isinstance(positions, slice):  # one row, n positions
+            cache.k[layer][rows, :, positions], cache.v[layer][rows, :, positions] = k, v
+        else:  # one position for each row
+            cache.k[layer][rows, :, positions], cache.v[layer][rows, :, positions] = k[:, :, 0], v[:, :, 0]
+        return (cache.k[layer][self.picked, :, first_key : self.end],
+                cache.v[layer][self.picked, :, first_key : self.end])
 
 
 def incremental_mask(
@@ -285,7 +302,7 @@ class SelfAttention(nn.Module):
         self.o_proj = nn.Linear(n_heads * self.head_dim, dim, bias=False)
 
     def forward(
-        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: AttentionMask, cache: KVCache | None = None
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: AttentionMask, cache: LayerKV | None = None
     ) -> torch.Tensor:
         b, s, _ = x.shape
         q = apply_rope(self.q_proj(x).view(b, s, self.n_heads, self.head_dim), *rope).transpose(1, 2)
@@ -314,7 +331,7 @@ class TransformerBlock(nn.Module):
         self.mlp = FeedForward(dim, ffn_dim)
 
     def forward(
-        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: AttentionMask, cache: KVCache | None = None
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: AttentionMask, cache: LayerKV | None = None
     ) -> torch.Tensor:
         """``cache``: earlier positions' keys and values; x then holds only the new positions and
         ``mask`` [B, 1, new, all] relates them to every cached position and to each other."""
