@@ -44,14 +44,16 @@ PYTEST_ARGS="-q --tb=short --maxfail=20 -rs -p no:cacheprovider $XDIST"
 # Expandable segments: the workers' big tensors of many sizes leave less reserved-but-unused memory.
 TEST_ALLOC=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
 TESTS=${TESTS:-1}
-if [ "$TESTS" != 0 ] && [ "$TESTS" != 1 ]; then
-  OMP_NUM_THREADS=2 PYTORCH_CUDA_ALLOC_CONF=$TEST_ALLOC step tests 360 "$PY" -m pytest $TESTS $PYTEST_ARGS
-elif [ "$TESTS" = 1 ] && command -v make >/dev/null; then
-  OMP_NUM_THREADS=2 PYTORCH_CUDA_ALLOC_CONF=$TEST_ALLOC step tests 360 make test PYTEST_ARGS="$PYTEST_ARGS"
+TEST_CMD=()
+if [ "$TESTS" = 1 ] && command -v make >/dev/null; then
+  TEST_CMD=(make test PYTEST_ARGS="$PYTEST_ARGS")
 elif [ "$TESTS" = 1 ]; then
   echo "no make on this machine: running the test command's pytest directly" >>"$LOG/tests.log"
-  OMP_NUM_THREADS=2 PYTORCH_CUDA_ALLOC_CONF=$TEST_ALLOC step tests 360 "$PY" -m pytest tests $PYTEST_ARGS
+  TEST_CMD=("$PY" -m pytest tests $PYTEST_ARGS)
+elif [ "$TESTS" != 0 ]; then
+  TEST_CMD=("$PY" -m pytest $TESTS $PYTEST_ARGS)
 fi
+[ ${#TEST_CMD[@]} -gt 0 ] && OMP_NUM_THREADS=2 PYTORCH_CUDA_ALLOC_CONF=$TEST_ALLOC step tests 360 "${TEST_CMD[@]}"
 if [ "${SANITIZE:-1}" = 1 ] && command -v compute-sanitizer >/dev/null; then
   step memcheck 150 compute-sanitizer --tool memcheck --error-exitcode 1 "$PY" tools/sanitize_cases.py
   step racecheck 150 compute-sanitizer --tool racecheck --error-exitcode 1 "$PY" tools/sanitize_cases.py

@@ -227,7 +227,8 @@ class ByteLatentTransformer(nn.Module):
 
     ``backend`` ("ext" or "torch") selects the BLT ops (hash embedding, pooling, cross-attention,
     patching) for every submodule; ``attn_impl`` the stock self-attention: "sdpa" (a dense mask,
-    or ``is_causal`` when the window does not bind and each row is one document) or "flex" (flex_attention with a block mask, compiled on CUDA; forward only on CPU).
+    or ``is_causal`` when the window does not bind and each row is one document) or "flex"
+    (flex_attention with a block mask, compiled on CUDA; forward only on CPU).
     The entropy model is frozen (its parameters do not require gradients).
     """
 
