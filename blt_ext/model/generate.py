@@ -71,7 +71,7 @@ def next_logits(model, state: GenerationState, rows: torch.Tensor) -> torch.Tens
 def cached_next_logits(decoder: BatchDecoder, state: GenerationState, rows: torch.Tensor) -> torch.Tensor:
     """[R, V] logits of the next byte of ``rows``: new rows prefill their prompts, the others
     take their last byte together."""
-    rows, lengths = rows.tolist(), state.lengths[rows].tolist()
+    rows, lengths = torch.stack((rows, state.lengths[rows])).tolist()  # one read from the device
     logits = {}
     stepping = []
     for row, length in zip(rows, lengths):
