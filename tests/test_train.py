@@ -106,7 +106,9 @@ def test_compiled_layers_train_with_the_eager_losses(corpus):
         blocks = list(trainer.model.layers)
         assert all(("forward" in vars(b)) == compile_layers for b in blocks)
         runs[compile_layers] = trainer.train().train_losses
-    assert runs[True] == pytest.approx(runs[False], rel=1e-4)
+    # Compiled kernels round at other places than eager ones: within fp32 noise, or within a
+    # small fraction of bf16's resolution (2^-8) under autocast on CUDA.
+    assert runs[True] == pytest.approx(runs[False], rel=1e-4 if trainer.amp_dtype is None else 1e-3)
 
 
 def _stop_after(k):
