@@ -167,6 +167,14 @@ __device__ __forceinline__ acc_t dot(const acc_t (&a)[kElems], const acc_t (&b)[
   return s;
 }
 
+template <typename acc_t, typename scalar_t>
+__device__ __forceinline__ acc_t dot(const Packed<scalar_t>& a, const Packed<scalar_t>& b) {
+  acc_t s = 0;
+#pragma unroll
+  for (int i = 0; i < kElems; ++i) s += static_cast<acc_t>(a.x[i]) * static_cast<acc_t>(b.x[i]);
+  return s;
+}
+
 // Sum over the `group` lanes of a head row; every lane of the warp must call it.
 template <typename acc_t>
 __device__ __forceinline__ acc_t group_sum(acc_t x, int group) {
@@ -263,7 +271,6 @@ __global__ void __launch_bounds__(kWarp* kWarpsPerBlock) encoder_forward_kernel(
   if (!make_lane(a, l)) return;
   const int G = a.group, R = l.subs, dh = l.dh;
   const int64_t row = a.heads * a.head_dim;
-  const ByteRange range = encoder_range(a, l.bp);
   const int nslot = chunk_slots<C>(a);
   const int64_t first_query = l.p * a.slots + a.chunk_begin;
   const scalar_t* q_rows = a.q + (l.b * a.queries + first_query) * row + l.h * a.head_dim;
@@ -271,15 +278,17 @@ __global__ void __launch_bounds__(kWarp* kWarpsPerBlock) encoder_forward_kernel(
   const scalar_t* v_rows = a.v + l.b * a.keys * row + l.h * a.head_dim;
   const acc_t qscale = a.scale * kLog2e<acc_t>;  // scores in log2 units: exp2 is one instruction
 
-  acc_t qf[C][kElems], acc[C][kElems], m[C], denom[C];
+  // The slot rows' loads go out with the patch bounds' (they do not depend on them), so a warp
+  // waits for two memory round trips before its first byte's score, not three.
+  Packed<scalar_t> qp[C];
+#pragma unroll
+  for (int r = 0; r < C; ++r) load_packed(qp[r], q_rows + r * row, l.off, r < nslot ? dh : 0, a.vec);
+  const ByteRange range = encoder_range(a, l.bp);
+  acc_t acc[C][kElems], m[C], denom[C];
 #pragma unroll
   for (int r = 0; r < C; ++r) {
-    load_chunk(qf[r], q_rows + r * row, l.off, r < nslot ? dh : 0, a.vec);
 #pragma unroll
-    for (int e = 0; e < kElems; ++e) {
-      qf[r][e] *= qscale;
-      acc[r][e] = 0;
-    }
+    for (int e = 0; e < kElems; ++e) acc[r][e] = 0;
     m[r] = neg_inf<acc_t>();
     denom[r] = 0;
   }
@@ -299,9 +308,7 @@ __global__ void __launch_bounds__(kWarp* kWarpsPerBlock) encoder_forward_kernel(
       acc_t s[U], m_new = m[r];
 #pragma unroll
       for (int u = 0; u < U; ++u) {
-        acc_t kc[kElems];
-        unpack(kc, kp[u]);
-        s[u] = group_sum(dot(qf[r], kc), G);
+        s[u] = group_sum(dot<acc_t>(qp[r], kp[u]), G) * qscale;
         if (base + u * R + l.sub >= range.end) s[u] = neg_inf<acc_t>();
         m_new = max(m_new, s[u]);
       }
@@ -461,8 +468,6 @@ __global__ void __launch_bounds__(kWarp* kWarpsPerBlock) decoder_forward_kernel(
   constexpr int U = 4;
   Lane l;
   if (!make_lane(a, l)) return;
-  const ByteRange range = decoder_range(a, l.bp, l.p);
-  if (range.begin >= range.end) return;
   const int G = a.group, R = l.subs, dh = l.dh;
   const int64_t row = a.heads * a.head_dim;
   const int nslot = chunk_slots<C>(a);
@@ -470,15 +475,17 @@ __global__ void __launch_bounds__(kWarp* kWarpsPerBlock) decoder_forward_kernel(
   const acc_t qscale = a.scale * kLog2e<acc_t>;
   const bool merge = a.chunk_begin > 0;
 
-  acc_t kf[C][kElems], vf[C][kElems];
+  // The slot rows' loads go out with the byte range's (they do not depend on it), so a warp
+  // waits for two memory round trips before its first score, not three.
+  Packed<scalar_t> kp[C], vp[C];
 #pragma unroll
   for (int r = 0; r < C; ++r) {
     const int n = r < nslot ? dh : 0;
-    load_chunk(kf[r], a.k + k_base + r * row, l.off, n, a.vec);
-    load_chunk(vf[r], a.v + k_base + r * row, l.off, n, a.vec);
-#pragma unroll
-    for (int e = 0; e < kElems; ++e) kf[r][e] *= qscale;
+    load_packed(kp[r], a.k + k_base + r * row, l.off, n, a.vec);
+    load_packed(vp[r], a.v + k_base + r * row, l.off, n, a.vec);
   }
+  const ByteRange range = decoder_range(a, l.bp, l.p);
+  if (range.begin >= range.end) return;
   const scalar_t* q_rows = a.q + l.b * a.queries * row + l.h * a.head_dim;
   scalar_t* out_rows = a.out + l.b * a.queries * row + l.h * a.head_dim;
   acc_t* lse_row = a.lse + (l.b * a.heads + l.h) * a.queries;
@@ -498,10 +505,8 @@ __global__ void __launch_bounds__(kWarp* kWarpsPerBlock) decoder_forward_kernel(
     acc_t s[U][C];
 #pragma unroll
     for (int u = 0; u < U; ++u) {
-      acc_t qc[kElems];
-      unpack(qc, qp[u]);
 #pragma unroll
-      for (int r = 0; r < C; ++r) s[u][r] = r < nslot ? group_sum(dot(qc, kf[r]), G) : acc_t(0);
+      for (int r = 0; r < C; ++r) s[u][r] = r < nslot ? group_sum(dot<acc_t>(qp[u], kp[r]), G) * qscale : acc_t(0);
     }
 #pragma unroll
     for (int u = 0; u < U; ++u) {
@@ -520,8 +525,10 @@ __global__ void __launch_bounds__(kWarp* kWarpsPerBlock) decoder_forward_kernel(
         if (r >= nslot) continue;
         const acc_t weight = exp2_(s[u][r] - m);
         denom += weight;
+        acc_t vc[kElems];
+        unpack(vc, vp[r]);
 #pragma unroll
-        for (int e = 0; e < kElems; ++e) o[e] += weight * vf[r][e];
+        for (int e = 0; e < kElems; ++e) o[e] += weight * vc[e];
       }
       acc_t lse = (m + log2_(denom)) * kLn2<acc_t>;
       acc_t factor = acc_t(1) / denom;
@@ -555,7 +562,6 @@ __global__ void __launch_bounds__(kWarp* kWarpsPerBlock) decoder_backward_kernel
   constexpr int U = C <= 2 ? 2 : 1;
   Lane l;
   if (!make_lane(a, l)) return;
-  const ByteRange range = decoder_range(a, l.bp, l.p);
   const int G = a.group, R = l.subs, dh = l.dh;
   const int64_t row = a.heads * a.head_dim;
   const int nslot = chunk_slots<C>(a);
@@ -573,6 +579,7 @@ __global__ void __launch_bounds__(kWarp* kWarpsPerBlock) decoder_backward_kernel
 #pragma unroll
     for (int e = 0; e < kElems; ++e) dkf[r][e] = dvf[r][e] = 0;
   }
+  const ByteRange range = decoder_range(a, l.bp, l.p);  // after the slot loads: they overlap
   const int64_t q_base = l.b * a.queries * row + l.h * a.head_dim;
   const acc_t* lse_row = a.lse + (l.b * a.heads + l.h) * a.queries;
 
