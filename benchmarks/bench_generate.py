@@ -101,7 +101,8 @@ def test_generate(benchmark, provider, shape):
 
     batch, prompt_bytes = shape
     repeat = 3 if provider == "ext" or not ON_CUDA else 1
-    run_benchmark(benchmark, fn, provider=provider, rounds=repeat, repeat=repeat, warmup=0 if ON_CUDA else None,
+    run_benchmark(benchmark, fn, provider=provider, rounds=repeat, repeat=repeat,
+                  warmup=0 if ON_CUDA else None, gpu_time=False,
                   group=f"generate {PRESET} prompt {prompt_bytes} + {NEW_BYTES} bytes B{batch} {str(DTYPE)[6:]}")
     median_ms = benchmark.extra_info.get("median_ms") or benchmark.stats.stats.median * 1e3
     benchmark.extra_info["bytes_per_s"] = batch * NEW_BYTES / (median_ms / 1e3)

@@ -194,6 +194,7 @@ def test_model(benchmark, setup, backward, provider):
         provider=provider,
         group=f"model {PRESET} {direction} B{BATCH} T{SEQ} {DTYPE_NAME}",
         bytes_moved=None,
+        gpu_time=False,
     )
     median_ms = benchmark.extra_info.get("median_ms") or benchmark.stats.stats.median * 1e3
     benchmark.extra_info["bytes_per_s"] = BATCH * SEQ / (median_ms / 1e3)

@@ -5,6 +5,14 @@ shape) and whose ``extra_info`` carries the provider (``ext``, ``torch``, ``comp
 ``flex``...) and the bytes the workload must move at least. ``benchmarks/run.py`` turns the JSON
 into the comparison table. On CUDA the time is the median of CUDA-event timings (host clocks
 would add a synchronisation to every call); on CPU it is pytest-benchmark's median.
+
+On CUDA an op's time is its GPU time: each timed call is queued behind a GPU wait, so all of its
+kernels are enqueued before its start event runs and the events see neither Python's launch cost
+nor an idle GPU's latency to the first kernel (tens to hundreds of microseconds per call on the
+H200, different for every provider: NOTES.md, fifth GPU session). The time of a call issued
+after a synchronisation, launch included, is kept as ``per_call_ms``. The whole-model benchmarks
+time calls as a user's loop runs them (``gpu_time=False``): there the launches are part of the
+cost.
 """
 
 import os
@@ -29,13 +37,21 @@ DEVICE = bench_device()
 ON_CUDA = DEVICE.type == "cuda"
 
 
-def cuda_event_median_ms(fn, warmup=5, repeat=50):
+# About 5 ms at the H200's 1.98 GHz: longer than any provider here takes to enqueue one call.
+QUEUE_AHEAD_CYCLES = 10_000_000
+
+
+def cuda_event_median_ms(fn, warmup=5, repeat=50, queue_ahead=False):
+    """Median milliseconds between CUDA events around ``fn()``; with ``queue_ahead`` each call is
+    enqueued behind a GPU wait, which times the GPU's work alone (see the module docstring)."""
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
     times = []
     for _ in range(repeat):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        if queue_ahead:
+            torch.cuda._sleep(QUEUE_AHEAD_CYCLES)
         start.record()
         fn()
         end.record()
@@ -44,21 +60,29 @@ def cuda_event_median_ms(fn, warmup=5, repeat=50):
     return statistics.median(times)
 
 
-def run_benchmark(benchmark, fn, *, group, provider, bytes_moved=None, rounds=None, repeat=50, warmup=None):
+def run_benchmark(benchmark, fn, *, group, provider, bytes_moved=None, rounds=None, repeat=50, warmup=None,
+                  gpu_time=True):
     """Time ``fn`` (a closure over prepared inputs) and record what the runner needs.
 
     ``bytes_moved`` is the fewest bytes the workload must read and write; the runner turns it
     into GB/s. ``fn`` is called once first, which also triggers torch.compile's compilation.
     On CUDA ``repeat`` calls are timed with events (fewer for workloads of seconds), after
-    ``warmup`` more calls (default: min(5, repeat)).
+    ``warmup`` more calls (default: min(5, repeat)); ``median_ms`` is the GPU time with
+    ``gpu_time`` (then ``per_call_ms`` is recorded too), else the per-call time.
     """
     benchmark.group = group
     benchmark.extra_info.update(provider=provider, device=str(DEVICE), bytes_moved=bytes_moved)
     fn()
     if ON_CUDA:
         torch.cuda.synchronize()
-        benchmark.extra_info["median_ms"] = cuda_event_median_ms(
-            fn, warmup=min(5, repeat) if warmup is None else warmup, repeat=repeat)
+        warmup = min(5, repeat) if warmup is None else warmup
+        per_call_ms = cuda_event_median_ms(fn, warmup=warmup, repeat=repeat)
+        if gpu_time:
+            benchmark.extra_info["per_call_ms"] = per_call_ms
+            benchmark.extra_info["median_ms"] = cuda_event_median_ms(fn, warmup=0, repeat=repeat,
+                                                                     queue_ahead=True)
+        else:
+            benchmark.extra_info["median_ms"] = per_call_ms
 
         def synced():
             fn()

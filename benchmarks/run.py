@@ -6,8 +6,9 @@
 
 Each row is one workload; each provider's median time is shown with the speedup of ``ext``
 over it (``ext`` time / provider time < 1 means ext is faster: the column shows provider / ext).
-On CUDA the achieved bandwidth of ``ext`` is compared with the device-to-device copy bandwidth
-measured in the same run.
+On CUDA the op times are GPU times (benchmarks/common.py says how) and the achieved bandwidth of
+``ext`` is compared with the device-to-device copy bandwidth measured in the same run; "ext per
+call" is ext's time for a call issued after a synchronisation, launch latency included.
 """
 
 import argparse
@@ -90,7 +91,10 @@ def table(rows, copy_gbs=None):
     if copy_gbs:
         head.append("% of copy BW")
     # Whole-model rows carry no bytes_moved but their throughput and memory in extra_info.
-    has = {key: any(key in v[2] for r in rows.values() for v in r.values()) for key in ("bytes_per_s", "peak_mem_mb")}
+    has = {key: any(key in v[2] for r in rows.values() for v in r.values())
+           for key in ("bytes_per_s", "peak_mem_mb", "per_call_ms")}
+    if has["per_call_ms"]:
+        head.append("ext per call")
     if has["bytes_per_s"]:
         head.append("ext bytes/s")
     if has["peak_mem_mb"]:
@@ -108,6 +112,9 @@ def table(rows, copy_gbs=None):
         cells.append(f"{gbs:.1f}" if gbs else "–")
         if copy_gbs:
             cells.append(f"{100 * gbs / copy_gbs:.0f}%" if gbs else "–")
+        if has["per_call_ms"]:
+            per_call = ext[2].get("per_call_ms") if ext else None
+            cells.append(fmt_ms(per_call) if per_call is not None else "–")
         if has["bytes_per_s"]:
             rate = ext[2].get("bytes_per_s") if ext else None
             cells.append(f"{rate:.3g}" if rate else "–")
