@@ -6,8 +6,12 @@
 # Usage: benchmarks/gpu_check.sh LOGDIR [benchmark files...]   (LOGDIR receives at most 8 files;
 # default: the four op families)
 # TESTS=0 skips the tests, TESTS="FILES..." runs only those test files (CPU and CUDA cases);
-# SANITIZE=0 skips compute-sanitizer; DEMO=1 adds the demo on the GPU (into LOGDIR/demo);
-# BENCH_LIMIT sets the seconds each benchmark file may take (default 200).
+# SANITIZE=0 skips compute-sanitizer, SANITIZE=memcheck or racecheck runs that tool alone;
+# NCU=1 adds Nsight Compute's view of the cross-attention kernels (LOGDIR/ncu.log);
+# DEMO=1 adds the demo on the GPU (into LOGDIR/demo);
+# BENCH_LIMIT sets the seconds each benchmark file may take (default 200);
+# BLT_COMMIT=HASH names the commit in the tables: pass the local one, since the copied checkout's
+# git may report another.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 LOG=${1:?usage: benchmarks/gpu_check.sh LOGDIR [benchmark files...]}
@@ -54,9 +58,16 @@ elif [ "$TESTS" != 0 ]; then
   TEST_CMD=("$PY" -m pytest $TESTS $PYTEST_ARGS)
 fi
 [ ${#TEST_CMD[@]} -gt 0 ] && OMP_NUM_THREADS=2 PYTORCH_CUDA_ALLOC_CONF=$TEST_ALLOC step tests 360 "${TEST_CMD[@]}"
-if [ "${SANITIZE:-1}" = 1 ] && command -v compute-sanitizer >/dev/null; then
-  step memcheck 150 compute-sanitizer --tool memcheck --error-exitcode 1 "$PY" tools/sanitize_cases.py
-  step racecheck 150 compute-sanitizer --tool racecheck --error-exitcode 1 "$PY" tools/sanitize_cases.py
+SANITIZE=${SANITIZE:-1}
+if [ "$SANITIZE" != 0 ] && command -v compute-sanitizer >/dev/null; then
+  for tool in memcheck racecheck; do
+    [ "$SANITIZE" = 1 ] || [ "$SANITIZE" = "$tool" ] || continue
+    step "$tool" 150 compute-sanitizer --tool "$tool" --error-exitcode 1 "$PY" tools/sanitize_cases.py
+  done
+fi
+if [ "${NCU:-0}" = 1 ] && command -v ncu >/dev/null; then
+  step ncu 120 ncu --section SpeedOfLight --section Occupancy --section WarpStateStats --section MemoryWorkloadAnalysis \
+    -k 'regex:(encoder|decoder)_(forward|backward)' "$PY" tools/ncu_attention.py
 fi
 for file in "${BENCH_FILES[@]}"; do
   BLT_BENCH_DEVICE=cuda step bench "${BENCH_LIMIT:-200}" "$PY" benchmarks/run.py --record "$LOG/table.tmp" "$file" &&
