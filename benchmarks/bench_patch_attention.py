@@ -99,10 +99,8 @@ def attention_fn(provider, direction, lengths):
     ).transpose(1, 2)
 
 
-@pytest.mark.parametrize("provider", PROVIDERS)
-@pytest.mark.parametrize("pass_", PASSES)
-@pytest.mark.parametrize("direction", DIRECTIONS)
-def test_patch_cross_attention(benchmark, direction, pass_, provider):
+def workload(provider, direction, pass_):
+    """run() for one provider, direction and pass ("fwd" or "fwd+bwd") on the shared inputs."""
     q, k, v, lengths, grad_out = inputs(direction)
     fn = attention_fn(provider, direction, lengths)
     if pass_ == "fwd":
@@ -112,6 +110,15 @@ def test_patch_cross_attention(benchmark, direction, pass_, provider):
     else:
         def run():
             return torch.autograd.grad(fn(q, k, v), (q, k, v), grad_out)
+    return run
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("pass_", PASSES)
+@pytest.mark.parametrize("direction", DIRECTIONS)
+def test_patch_cross_attention(benchmark, direction, pass_, provider):
+    run = workload(provider, direction, pass_)
+    q, k = inputs(direction)[:2]
     dtype = str(DTYPE).removeprefix("torch.")
     group = f"patch_cross_attention {direction} {pass_} B{B} T{T} H{H} Dh{DH} k{SLOTS} {dtype}"
     run_benchmark(

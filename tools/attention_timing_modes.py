@@ -50,17 +50,9 @@ def kernel_ms(fn, calls=10):
 
 def main(providers):
     for direction in bench.DIRECTIONS:
-        q, k, v, lengths, grad_out = bench.inputs(direction)
         for provider in providers:
-            fn = bench.attention_fn(provider, direction, lengths)
             for pass_ in bench.PASSES:
-                if pass_ == "fwd":
-                    def run():
-                        with torch.no_grad():
-                            return fn(q, k, v)
-                else:
-                    def run():
-                        return torch.autograd.grad(fn(q, k, v), (q, k, v), grad_out)
+                run = bench.workload(provider, direction, pass_)
                 run()
                 per_call, queued = cuda_event_median_ms(run), back_to_back_ms(run)
                 total, top = kernel_ms(run)
