@@ -94,3 +94,20 @@ def test_prompt_forms():
         encode_prompts([])
     with pytest.raises(ValueError, match="at least one id"):
         encode_prompts([[]])
+
+
+@pytest.mark.parametrize("use_cache", [True, False], ids=["cached", "uncached"])
+def test_generation_runs_compiled_layers_eagerly(use_cache):
+    from torch._dynamo.utils import counters
+
+    model = blt()
+    expected = model.generate(PROMPTS, max_new_bytes=10, stop_at_eos=False, use_cache=use_cache).ids
+    model.compile_layers(dynamic=False)
+    torch._dynamo.reset()  # no compiled code left from other tests
+    frames = counters["frames"]["total"]
+    # every step has new shapes: compiled, each would compile anew
+    assert model.generate(PROMPTS, max_new_bytes=10, stop_at_eos=False, use_cache=use_cache).ids == expected
+    assert counters["frames"]["total"] == frames
+    with torch.no_grad():  # outside generation the compiled layers do run
+        model(TOK.batch_encode(PROMPTS).ids)
+    assert counters["frames"]["total"] > frames

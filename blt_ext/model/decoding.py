@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from .blt import ByteLatentTransformer, patch_document_ids
 from .entropy_model import EntropyModel
-from .layers import GrowingTensor, KVCache, document_ids, incremental_mask, rope_angles
+from .layers import GrowingTensor, KVCache, document_ids, eager_layers, incremental_mask, rope_angles
 from .tokenizer import BOE_ID
 
 
@@ -73,6 +73,7 @@ class BatchDecoder:
         return self.rows[row].patch_outputs.length
 
     @torch.inference_mode()
+    @eager_layers()  # compiled layers would compile anew for every step's shapes
     def prefill(self, row: int, ids: torch.Tensor) -> torch.Tensor:
         """fp32 logits [n, V] after each of the prompt ``ids`` [n] of an empty ``row``."""
         self._check_rows("prefill", [row])
@@ -83,6 +84,7 @@ class BatchDecoder:
         return self._advance([row], ids[None])[0]
 
     @torch.inference_mode()
+    @eager_layers()
     def step(self, rows: list[int], ids: torch.Tensor) -> torch.Tensor:
         """fp32 logits [R, V] after appending ``ids`` [R] (one byte each) to ``rows`` (prefilled)."""
         self._check_rows("step", rows)

@@ -18,6 +18,7 @@ import torch
 
 from .blt import ByteLatentTransformer
 from .decoding import BatchDecoder
+from .layers import eager_layers
 from .tokenizer import BOE_ID, EOS_ID, ByteTokenizer
 
 Prompt = str | bytes | Sequence[int] | torch.Tensor
@@ -170,7 +171,8 @@ def generate(
         rows = state.active_rows()
         if len(rows) == 0:
             break
-        logits = cached_next_logits(decoder, state, rows) if use_cache else next_logits(model, state, rows)
+        with eager_layers():  # every step has new shapes
+            logits = cached_next_logits(decoder, state, rows) if use_cache else next_logits(model, state, rows)
         next_ids = sample_next(logits, temperature, top_k, top_p, generator)
         state.append(rows, next_ids, stop_at_eos)
         if on_step is not None:

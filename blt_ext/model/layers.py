@@ -5,6 +5,8 @@ Nothing here depends on the backend switch: both backends run exactly this code.
 
 from __future__ import annotations
 
+import contextlib
+import threading
 from typing import NamedTuple
 
 import torch
@@ -352,12 +354,36 @@ def compile_layers(model: nn.Module, enabled: bool = True, **compile_kwargs) -> 
     SwiGLU and residual adds into a few kernels and removes most of the per-op Python work: the
     eager model launches thousands of small kernels per step. Parameters, checkpoints and the
     backend switch are untouched. Each new input shape compiles once (``compile_kwargs`` go to
-    ``torch.compile``); decoding with KV caches changes shapes at every step and is best left eager.
+    ``torch.compile``); within :func:`eager_layers` (generation uses it) the layers run eagerly.
     """
     for module in model.modules():
         if isinstance(module, (TransformerBlock, PatchCrossAttention)):
             # An instance attribute shadows the class's forward; removing it restores eager.
             module.__dict__.pop("forward", None)
             if enabled:
-                module.forward = torch.compile(module.forward, **compile_kwargs)
+                eager = module.forward
+                module.forward = _compiled_unless_eager(eager, torch.compile(eager, **compile_kwargs))
     return model
+
+
+_eager_state = threading.local()
+
+
+@contextlib.contextmanager
+def eager_layers():
+    """Within, layers compiled by :func:`compile_layers` run eagerly (in this thread): for work
+    whose shapes change at every call, such as KV-cached decoding or re-running a growing prefix,
+    where each call would compile anew (and after torch.compile's recompile limit, warn)."""
+    depth = getattr(_eager_state, "depth", 0)
+    _eager_state.depth = depth + 1
+    try:
+        yield
+    finally:
+        _eager_state.depth = depth
+
+
+def _compiled_unless_eager(eager, compiled):
+    def forward(*args, **kwargs):
+        return eager(*args, **kwargs) if getattr(_eager_state, "depth", 0) else compiled(*args, **kwargs)
+
+    return forward
