@@ -66,8 +66,9 @@ if [ "$SANITIZE" != 0 ] && command -v compute-sanitizer >/dev/null; then
   done
 fi
 if [ "${NCU:-0}" = 1 ] && command -v ncu >/dev/null; then
-  step ncu 120 ncu --section SpeedOfLight --section Occupancy --section WarpStateStats --section MemoryWorkloadAnalysis \
-    -k 'regex:(encoder|decoder)_(forward|backward)' "$PY" tools/ncu_attention.py
+  # --clock-control none: profile at the clocks the card runs at (ncu would otherwise lock them)
+  step ncu 120 ncu --clock-control none --section SpeedOfLight --section Occupancy --section WarpStateStats \
+    --section MemoryWorkloadAnalysis -k 'regex:(encoder|decoder)_(forward|backward)' "$PY" tools/ncu_attention.py
 fi
 for file in "${BENCH_FILES[@]}"; do
   BLT_BENCH_DEVICE=cuda step bench "${BENCH_LIMIT:-200}" "$PY" benchmarks/run.py --record "$LOG/table.tmp" "$file" &&

@@ -1,8 +1,10 @@
 """Run the patch cross-attention kernels once per direction and pass at the benchmark shape
 (B=4, T=8192, 16 heads x 64, k=2, bf16), for Nsight Compute:
 
-    ncu -k regex:"(encoder|decoder)_(forward|backward)" --section SpeedOfLight \\
-        --section Occupancy --section WarpStateStats python tools/ncu_attention.py
+    ncu --clock-control none -k regex:"(encoder|decoder)_(forward|backward)" \\
+        --section SpeedOfLight --section Occupancy --section WarpStateStats python tools/ncu_attention.py
+
+(or ``NCU=1 benchmarks/gpu_check.sh LOGDIR``)
 """
 
 import torch
