@@ -165,8 +165,8 @@ class BatchDecoder:
         """The global transformer on the patches completed by the new bytes: all but each row's
         last patch (it holds the virtual next byte). A prompt may complete many; a step at most
         one per row, and those rows run together."""
-        encoder, config = self.model.local_encoder, self.model.config
-        ready, xs, dones, doc_ids = [], [], [], []
+        config = self.model.config
+        ready, spans, dones, doc_ids = [], [], [], []
         for row, state in zip(rows, states):
             done, complete = state.patch_outputs.length, state.patch_lengths.shape[1] - 1
             if complete <= done:
@@ -174,24 +174,44 @@ class BatchDecoder:
             # the last patch holds the virtual next byte and the real ones before it
             first, last = state.complete_bytes, state.tokens.length + 1 - state.last_patch_length
             state.complete_bytes = last
-            byte_states = [s.value()[:, first:last] for s in state.encoder_states]
-            slots = encoder.patch_slots(byte_states, state.patch_lengths[:, done:complete])
             ready.append((row, state))
-            xs.append(slots.view(1, complete - done, config.global_input_dim))
+            spans.append((first, last))
             dones.append(done)
             if config.global_block_causal:
                 doc_ids.append(patch_document_ids(state.tokens.value()[None], state.patch_lengths)[0, :complete])
         if not ready:
             return
         # a prompt completes patches done..complete-1 of its one row, a step one patch per row
-        new = xs[0].shape[1]
+        if len(ready) == 1:
+            (_, state), (first, last) = ready[0], spans[0]
+            new = state.patch_lengths.shape[1] - 1 - dones[0]
+            x = self.model.local_encoder.patch_slots([s.value()[:, first:last] for s in state.encoder_states],
+                                                     state.patch_lengths[:, dones[0] : dones[0] + new])
+        else:
+            new = 1
+            x = self._step_slots([state for _, state in ready], spans)
+        x = x.reshape(len(ready), new, config.global_input_dim)
         positions = torch.tensor(dones, device=self.device)[:, None] + torch.arange(new, device=self.device)
         span = (min(dones), max(dones) + new - 1)
         mask = incremental_mask(positions, span, self._padded(doc_ids, -1) if doc_ids else None, None)
         caches = self.global_cache.step([row for row, _ in ready], new)
-        out = self.model.global_transformer.run_layers(torch.cat(xs), positions, mask, caches)
+        out = self.model.global_transformer.run_layers(x, positions, mask, caches)
         for i, (_, state) in enumerate(ready):
             state.patch_outputs.append(out[i : i + 1])
+
+    def _step_slots(self, states, spans) -> torch.Tensor:
+        """[R, k, De] slots of the one patch each row completed, bytes [first, last) of its own, in
+        one batch: the rows' bytes padded to the longest, each row's padding a second patch."""
+        encoder = self.model.local_encoder
+        width = max(last - first for first, last in spans)
+        layer_states = []
+        for layer, kept in enumerate(states[0].encoder_states):
+            batch = kept.value().new_zeros(len(states), width, kept.value().shape[2])
+            for i, (state, (first, last)) in enumerate(zip(states, spans)):
+                batch[i, : last - first] = state.encoder_states[layer].value()[0, first:last]
+            layer_states.append(batch)
+        lengths = torch.tensor([[last - first, width - last + first] for first, last in spans], device=self.device)
+        return encoder.patch_slots(layer_states, lengths)[:, : encoder.k]
 
     def _decode(self, rows, states, h, positions, span, doc_ids) -> torch.Tensor:
         """Logits [R, n, V] of the new bytes. A prompt reads the complete patches through the
