@@ -29,17 +29,37 @@ from .tokenizer import BOE_ID
 
 
 class _Row:
-    """What one row keeps besides the attention caches: its bytes, entropies, patch layout, the
-    encoder's byte states (they feed the slots of the patch being built) and global outputs."""
+    """What one row keeps besides the attention caches and the batch's byte and entropy
+    buffers: its length, patch layout, the encoder's byte states (they feed the slots of the patch
+    being built) and global outputs."""
 
     def __init__(self, encoder_layers: int):
-        self.tokens = GrowingTensor(dim=0)
-        self.entropies = GrowingTensor(dim=0)
+        self.length = 0  # bytes so far
         self.encoder_states = [GrowingTensor(dim=1) for _ in range(encoder_layers)]  # [1, T, De] each
         self.patch_outputs = GrowingTensor(dim=1)  # [1, complete patches, Dg]
         self.patch_lengths: torch.Tensor | None = None  # [1, P], summing to T + 1
         self.last_patch_length = 0  # of patch_lengths, on the host
         self.complete_bytes = 0  # bytes of the patches the global transformer has run on
+
+
+class RowBuffer:
+    """[rows, capacity] values of the first write's dtype, each row filled to its own length; the
+    rest holds ``fill``. Capacity doubles when needed."""
+
+    def __init__(self, rows: int, fill) -> None:
+        self.rows, self.fill = rows, fill
+        self.data: torch.Tensor | None = None
+
+    def write(self, picked: torch.Tensor, positions: torch.Tensor, values: torch.Tensor, end: int) -> torch.Tensor:
+        """Write ``values`` [R, n] of rows ``picked`` [R] at ``positions`` [R, n]; returns those
+        rows up to ``end`` (beyond each row's length: ``fill``)."""
+        if self.data is None or end > self.data.shape[1]:
+            grown = values.new_full((self.rows, max(2 * end, 64)), self.fill)
+            if self.data is not None:
+                grown[:, : self.data.shape[1]] = self.data
+            self.data = grown
+        self.data[picked[:, None], positions] = values
+        return self.data[picked, :end]
 
 
 class BatchDecoder:
@@ -60,10 +80,13 @@ class BatchDecoder:
         self.global_cache = KVCache(len(model.global_transformer.layers), rows, self.device)
         self.decoder_cache = KVCache(len(model.local_decoder.layers), rows, self.device)
         self.rows = [_Row(len(model.local_encoder.layers)) for _ in range(rows)]
+        # every row's bytes and entropies, right padded with BOE / 0: a step reads them in one op
+        self.tokens = RowBuffer(rows, BOE_ID)
+        self.entropies = RowBuffer(rows, 0.0)
         self.context = max(model.local_encoder.embedding.ngram_sizes) - 1  # bytes a hash n-gram looks back
 
     def length(self, row: int) -> int:
-        return self.rows[row].tokens.length
+        return self.rows[row].length
 
     def patch_lengths(self, row: int) -> torch.Tensor:
         """[1, P] patch lengths of the row so far (summing to its length + 1)."""
@@ -102,15 +125,16 @@ class BatchDecoder:
     def _advance(self, rows: list[int], ids: torch.Tensor) -> torch.Tensor:
         ids = ids.to(self.device, torch.long)
         states = [self.rows[r] for r in rows]
-        starts = [s.tokens.length for s in states]
+        starts = [s.length for s in states]
         span = (min(starts), max(starts) + ids.shape[1] - 1)
+        picked = torch.tensor(rows, device=self.device)
         positions = torch.tensor(starts, device=self.device)[:, None] + torch.arange(ids.shape[1], device=self.device)
-        for state, new in zip(states, ids):
-            state.tokens.append(new)
-        tokens = self._padded([s.tokens.value() for s in states], BOE_ID)
+        for state in states:
+            state.length += ids.shape[1]
+        tokens = self.tokens.write(picked, positions, ids, span[1] + 1)
         doc_ids = document_ids(tokens)
-        self._patch(rows, states, ids, positions, span, doc_ids)
-        byte_states = self._encode(rows, states, positions, span, doc_ids)
+        self._patch(rows, states, ids, positions, span, doc_ids, picked)
+        byte_states = self._encode(rows, states, positions, span, doc_ids, picked)
         self._complete_patches(rows, states)
         return self._decode(rows, states, byte_states[-1], positions, span, doc_ids)
 
@@ -118,40 +142,49 @@ class BatchDecoder:
         width = max(r.shape[-1] for r in rows)
         return torch.stack([F.pad(r, (0, width - r.shape[-1]), value=value) for r in rows])
 
-    def _patch(self, rows, states, ids, positions, span, doc_ids) -> None:
-        """Each row's patch layout, from its cached entropies (or the patcher on its bytes)."""
+    def _patch(self, rows, states, ids, positions, span, doc_ids, picked) -> None:
+        """Each row's patch layout, from the batch's cached entropies (or the patcher on each row's
+        bytes)."""
         patcher = self.model.patcher
-        if self.cached_entropies:
-            entropy_model = self.model.entropy_model
-            mask = incremental_mask(positions, span, doc_ids, entropy_model.config.sliding_window)
-            caches = self.entropy_cache.step(rows, ids.shape[1])
-            entropies = patcher.ops.entropy(entropy_model.run_layers(ids, positions, mask, caches))
-        layouts = []
-        for i, state in enumerate(states):
-            if self.cached_entropies:
-                state.entropies.append(entropies[i])
-                starts = patcher.ops.entropy_patch_starts(
-                    state.entropies.value()[None], patcher.threshold, patcher.threshold_add, patcher.monotonicity, True
-                )
-                layouts.append(patcher.ops.patch_layout(starts, True, patcher.max_patch_length))
-            else:
-                layouts.append(patcher(state.tokens.value()[None], include_next_token=True))
-        # every row's patch count and last patch length in one read from the device
-        counts = torch.cat([layout.patch_counts for layout in layouts])
-        last = torch.cat([layout.patch_lengths.gather(1, layout.patch_counts[:, None] - 1)[:, 0] for layout in layouts])
-        for state, layout, (count, last_length) in zip(states, layouts, torch.stack([counts, last], 1).tolist()):
-            state.patch_lengths = layout.patch_lengths[:, :count]
+        if not self.cached_entropies:
+            layouts = [patcher(self.tokens.data[r : r + 1, : s.length], include_next_token=True)
+                       for r, s in zip(rows, states)]
+            lengths = self._padded([layout.patch_lengths[0] for layout in layouts], 0)
+            self._set_layouts(states, lengths)
+            return
+        entropy_model = self.model.entropy_model
+        mask = incremental_mask(positions, span, doc_ids, entropy_model.config.sliding_window)
+        caches = self.entropy_cache.step(rows, ids.shape[1])
+        entropies = patcher.ops.entropy(entropy_model.run_layers(ids, positions, mask, caches))
+        entropies = self.entropies.write(picked, positions, entropies, span[1] + 1)
+        # Rows end at their own lengths L: a start forced just past each row's virtual byte L makes
+        # its patches those of the row alone (patching is causal), whatever follows in the padding.
+        starts = patcher.ops.entropy_patch_starts(entropies, patcher.threshold, patcher.threshold_add,
+                                                  patcher.monotonicity, True)
+        ends = positions[:, -1:] + 2  # L + 1
+        starts = F.pad(starts, (0, 1)).scatter_(1, ends, True)
+        self._set_layouts(states, patcher.ops.patch_layout(starts, True, patcher.max_patch_length).patch_lengths, ends)
+
+    def _set_layouts(self, states, patch_lengths, ends=None) -> None:
+        """Each row's patches from a batch's [R, P] lengths: those up to ``ends`` [R, 1] (default:
+        all of them), counted and the last one's length read in one transfer from the device."""
+        within = patch_lengths > 0
+        if ends is not None:
+            within &= patch_lengths.cumsum(1) <= ends
+        counts = within.sum(1)
+        last = patch_lengths.gather(1, counts[:, None] - 1)[:, 0]
+        for i, (state, (count, last_length)) in enumerate(zip(states, torch.stack([counts, last], 1).tolist())):
+            state.patch_lengths = patch_lengths[i : i + 1, :count]
             state.last_patch_length = last_length
 
-    def _encode(self, rows, states, positions, span, doc_ids) -> list[torch.Tensor]:
+    def _encode(self, rows, states, positions, span, doc_ids, picked) -> list[torch.Tensor]:
         """Every encoder layer's states [R, n, De] of the new bytes (also kept per row)."""
         encoder, config = self.model.local_encoder, self.model.config
         n = positions.shape[1]
         # the new bytes' hash n-grams reach `context` bytes back; before a row's start they see
         # BOE, the hash's own left padding
-        windows = [s.tokens.value()[max(0, s.tokens.length - n - self.context) :] for s in states]
-        width = n + self.context
-        windows = torch.stack([F.pad(w, (width - w.shape[0], 0), value=BOE_ID) for w in windows])
+        back = positions[:, :1] - self.context + torch.arange(n + self.context, device=self.device)
+        windows = self.tokens.data[picked[:, None], back.clamp(min=0)].masked_fill_(back < 0, BOE_ID)
         h = encoder.embedding(windows)[:, self.context :]
         mask = incremental_mask(positions, span, doc_ids, config.local_attention_window_len)
         rope = rope_angles(positions, encoder.head_dim, encoder.rope_theta)
@@ -172,13 +205,14 @@ class BatchDecoder:
             if complete <= done:
                 continue
             # the last patch holds the virtual next byte and the real ones before it
-            first, last = state.complete_bytes, state.tokens.length + 1 - state.last_patch_length
+            first, last = state.complete_bytes, state.length + 1 - state.last_patch_length
             state.complete_bytes = last
             ready.append((row, state))
             spans.append((first, last))
             dones.append(done)
             if config.global_block_causal:
-                doc_ids.append(patch_document_ids(state.tokens.value()[None], state.patch_lengths)[0, :complete])
+                tokens = self.tokens.data[row : row + 1, : state.length]
+                doc_ids.append(patch_document_ids(tokens, state.patch_lengths)[0, :complete])
         if not ready:
             return
         # a prompt completes patches done..complete-1 of its one row, a step one patch per row
