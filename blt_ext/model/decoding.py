@@ -24,37 +24,35 @@ import torch.nn.functional as F
 
 from .blt import ByteLatentTransformer, patch_document_ids
 from .entropy_model import EntropyModel
-from .layers import GrowingTensor, KVCache, document_ids, eager_layers, incremental_mask, rope_angles
+from .layers import KVCache, document_ids, eager_layers, incremental_mask, rope_angles
 from .tokenizer import BOE_ID
 
 
 class _Row:
-    """What one row keeps besides the attention caches and the batch's byte and entropy
-    buffers: its length, patch layout, the encoder's byte states (they feed the slots of the patch
-    being built) and global outputs."""
+    """What one row keeps on the host besides its parts of the batch's caches and buffers: its
+    length, patch layout and how far the global transformer has run."""
 
-    def __init__(self, encoder_layers: int):
+    def __init__(self):
         self.length = 0  # bytes so far
-        self.encoder_states = [GrowingTensor(dim=1) for _ in range(encoder_layers)]  # [1, T, De] each
-        self.patch_outputs = GrowingTensor(dim=1)  # [1, complete patches, Dg]
+        self.complete = 0  # patches the global transformer has run on
         self.patch_lengths: torch.Tensor | None = None  # [1, P], summing to T + 1
         self.last_patch_length = 0  # of patch_lengths, on the host
         self.complete_bytes = 0  # bytes of the patches the global transformer has run on
 
 
 class RowBuffer:
-    """[rows, capacity] values of the first write's dtype, each row filled to its own length; the
-    rest holds ``fill``. Capacity doubles when needed."""
+    """[rows, capacity, ...] values of the first write's dtype and trailing shape, each row filled
+    to its own length; the rest holds ``fill``. Capacity doubles when needed."""
 
     def __init__(self, rows: int, fill) -> None:
         self.rows, self.fill = rows, fill
         self.data: torch.Tensor | None = None
 
     def write(self, picked: torch.Tensor, positions: torch.Tensor, values: torch.Tensor, end: int) -> torch.Tensor:
-        """Write ``values`` [R, n] of rows ``picked`` [R] at ``positions`` [R, n]; returns those
-        rows up to ``end`` (beyond each row's length: ``fill``)."""
+        """Write ``values`` [R, n, ...] of rows ``picked`` [R] at ``positions`` [R, n]; returns
+        those rows up to ``end`` (beyond each row's length: ``fill``)."""
         if self.data is None or end > self.data.shape[1]:
-            grown = values.new_full((self.rows, max(2 * end, 64)), self.fill)
+            grown = values.new_full((self.rows, max(2 * end, 64), *values.shape[2:]), self.fill)
             if self.data is not None:
                 grown[:, : self.data.shape[1]] = self.data
             self.data = grown
@@ -79,10 +77,14 @@ class BatchDecoder:
         self.encoder_cache = KVCache(len(model.local_encoder.layers), rows, self.device)
         self.global_cache = KVCache(len(model.global_transformer.layers), rows, self.device)
         self.decoder_cache = KVCache(len(model.local_decoder.layers), rows, self.device)
-        self.rows = [_Row(len(model.local_encoder.layers)) for _ in range(rows)]
-        # every row's bytes and entropies, right padded with BOE / 0: a step reads them in one op
+        self.rows = [_Row() for _ in range(rows)]
+        # Per position of every row, so that a step reads and writes all rows in one op: bytes
+        # (BOE past a row's end), entropies, each encoder layer's byte states (they feed the slots
+        # of the patch being built), and the global transformer's output per complete patch.
         self.tokens = RowBuffer(rows, BOE_ID)
         self.entropies = RowBuffer(rows, 0.0)
+        self.encoder_states = [RowBuffer(rows, 0.0) for _ in model.local_encoder.layers]
+        self.patch_outputs = RowBuffer(rows, 0.0)
         self.context = max(model.local_encoder.embedding.ngram_sizes) - 1  # bytes a hash n-gram looks back
 
     def length(self, row: int) -> int:
@@ -93,7 +95,7 @@ class BatchDecoder:
         return self.rows[row].patch_lengths
 
     def complete_patches(self, row: int) -> int:
-        return self.rows[row].patch_outputs.length
+        return self.rows[row].complete
 
     @torch.inference_mode()
     @eager_layers()  # compiled layers would compile anew for every step's shapes
@@ -136,7 +138,7 @@ class BatchDecoder:
         self._patch(rows, states, ids, positions, span, doc_ids, picked)
         byte_states = self._encode(rows, states, positions, span, doc_ids, picked)
         self._complete_patches(rows, states)
-        return self._decode(rows, states, byte_states[-1], positions, span, doc_ids)
+        return self._decode(rows, states, byte_states[-1], positions, span, doc_ids, picked)
 
     def _padded(self, rows: list[torch.Tensor], value) -> torch.Tensor:
         width = max(r.shape[-1] for r in rows)
@@ -189,9 +191,8 @@ class BatchDecoder:
         mask = incremental_mask(positions, span, doc_ids, config.local_attention_window_len)
         rope = rope_angles(positions, encoder.head_dim, encoder.rope_theta)
         new = encoder.byte_states(h, rope, mask, self.encoder_cache.step(rows, n))
-        for i, state in enumerate(states):
-            for kept, layer_states in zip(state.encoder_states, new):
-                kept.append(layer_states[i : i + 1])
+        for kept, layer_states in zip(self.encoder_states, new):
+            kept.write(picked, positions, layer_states, span[1] + 1)
         return new
 
     def _complete_patches(self, rows, states) -> None:
@@ -201,7 +202,7 @@ class BatchDecoder:
         config = self.model.config
         ready, spans, dones, doc_ids = [], [], [], []
         for row, state in zip(rows, states):
-            done, complete = state.patch_outputs.length, state.patch_lengths.shape[1] - 1
+            done, complete = state.complete, state.patch_lengths.shape[1] - 1
             if complete <= done:
                 continue
             # the last patch holds the virtual next byte and the real ones before it
@@ -217,46 +218,52 @@ class BatchDecoder:
             return
         # a prompt completes patches done..complete-1 of its one row, a step one patch per row
         if len(ready) == 1:
-            (_, state), (first, last) = ready[0], spans[0]
+            (row, state), (first, last) = ready[0], spans[0]
             new = state.patch_lengths.shape[1] - 1 - dones[0]
-            x = self.model.local_encoder.patch_slots([s.value()[:, first:last] for s in state.encoder_states],
-                                                     state.patch_lengths[:, dones[0] : dones[0] + new])
+            byte_states = [kept.data[row : row + 1, first:last] for kept in self.encoder_states]
+            x = self.model.local_encoder.patch_slots(byte_states, state.patch_lengths[:, dones[0] : dones[0] + new])
         else:
             new = 1
-            x = self._step_slots([state for _, state in ready], spans)
+            x = self._step_slots([row for row, _ in ready], spans)
         x = x.reshape(len(ready), new, config.global_input_dim)
         positions = torch.tensor(dones, device=self.device)[:, None] + torch.arange(new, device=self.device)
         span = (min(dones), max(dones) + new - 1)
         mask = incremental_mask(positions, span, self._padded(doc_ids, -1) if doc_ids else None, None)
         caches = self.global_cache.step([row for row, _ in ready], new)
         out = self.model.global_transformer.run_layers(x, positions, mask, caches)
-        for i, (_, state) in enumerate(ready):
-            state.patch_outputs.append(out[i : i + 1])
+        ready_rows = torch.tensor([row for row, _ in ready], device=self.device)
+        self.patch_outputs.write(ready_rows, positions, out, span[1] + 1)
+        for _, state in ready:
+            state.complete += new
 
-    def _step_slots(self, states, spans) -> torch.Tensor:
-        """[R, k, De] slots of the one patch each row completed, bytes [first, last) of its own, in
-        one batch: the rows' bytes padded to the longest, each row's padding a second patch."""
+    def _step_slots(self, rows, spans) -> torch.Tensor:
+        """[R, k, De] slots of the one patch each of ``rows`` completed, its bytes [first, last),
+        in one batch: the rows' bytes padded with zeros to the longest, each row's padding a
+        second patch."""
         encoder = self.model.local_encoder
         width = max(last - first for first, last in spans)
-        layer_states = []
-        for layer, kept in enumerate(states[0].encoder_states):
-            batch = kept.value().new_zeros(len(states), width, kept.value().shape[2])
-            for i, (state, (first, last)) in enumerate(zip(states, spans)):
-                batch[i, : last - first] = state.encoder_states[layer].value()[0, first:last]
-            layer_states.append(batch)
-        lengths = torch.tensor([[last - first, width - last + first] for first, last in spans], device=self.device)
+        # rows, firsts and lengths reach the device in one transfer
+        table = [[row, first, last - first] for row, (first, last) in zip(rows, spans)]
+        picked, first, length = torch.tensor(table, device=self.device).unbind(1)
+        back = first[:, None] + torch.arange(width, device=self.device)
+        padding = back >= (first + length)[:, None]
+        back = back.clamp(max=self.encoder_states[0].data.shape[1] - 1)  # a padding index may pass the end
+        layer_states = [kept.data[picked[:, None], back].masked_fill_(padding[..., None], 0)
+                        for kept in self.encoder_states]
+        lengths = torch.stack([length, width - length], 1)
         return encoder.patch_slots(layer_states, lengths)[:, : encoder.k]
 
-    def _decode(self, rows, states, h, positions, span, doc_ids) -> torch.Tensor:
+    def _decode(self, rows, states, h, positions, span, doc_ids, picked) -> torch.Tensor:
         """Logits [R, n, V] of the new bytes. A prompt reads the complete patches through the
         row's own layout; a single new byte t reads patch p(t + 1) - 1 = P - 2, given as the
         only patch of the layout [1, 1] (the byte, then its virtual next byte)."""
         model = self.model
         if positions.shape[1] > 1:
-            (state,) = states
-            outputs, patch_lengths = state.patch_outputs.value(), state.patch_lengths
-        else:
-            outputs = torch.cat([s.patch_outputs.value()[:, -1:] for s in states])  # patch P - 2 of each row
+            (row,), (state,) = rows, states
+            outputs, patch_lengths = self.patch_outputs.data[row : row + 1, : state.complete], state.patch_lengths
+        else:  # patch P - 2 of each row
+            last = torch.tensor([s.complete - 1 for s in states], device=self.device)
+            outputs = self.patch_outputs.data[picked, last][:, None]
             patch_lengths = torch.ones(len(rows), 2, dtype=torch.long, device=self.device)
         # the last patch's output is never read (no byte's p(t + 1) - 1 reaches it): zeros
         patches = torch.cat([outputs, outputs.new_zeros(outputs.shape[0], 1, outputs.shape[2])], dim=1)

@@ -150,32 +150,6 @@ def self_attention_mask(
     return AttentionMask(None, block)
 
 
-class GrowingTensor:
-    """A tensor that grows along one dimension in amortised O(1) per appended position: a
-    buffer whose capacity doubles when full, read through a view of its filled part."""
-
-    def __init__(self, dim: int) -> None:
-        self.dim, self.length = dim, 0
-        self.buffer: torch.Tensor | None = None
-
-    def append(self, x: torch.Tensor) -> torch.Tensor:
-        """Append ``x`` along ``dim``; returns everything so far (a view)."""
-        end = self.length + x.shape[self.dim]
-        if self.buffer is None or end > self.buffer.shape[self.dim]:
-            shape = list(x.shape)
-            shape[self.dim] = max(2 * end, 64)
-            grown = x.new_empty(shape)
-            if self.buffer is not None:
-                grown.narrow(self.dim, 0, self.length).copy_(self.value())
-            self.buffer = grown
-        self.buffer.narrow(self.dim, self.length, end - self.length).copy_(x)
-        self.length = end
-        return self.value()
-
-    def value(self) -> torch.Tensor:
-        return self.buffer.narrow(self.dim, 0, self.length)
-
-
 class KVCache:
     """Keys and values [R, Hkv, capacity, D] of the attention layers of one model part for R rows,
     each row filled to its own length. The layers of a part always take the same new positions,
