@@ -16,8 +16,8 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-import bench_patch_attention as bench  # noqa: E402
-from common import cuda_event_median_ms  # noqa: E402
+import bench_patch_attention as bench
+from common import cuda_event_median_ms
 
 
 def back_to_back_ms(fn, calls=20, repeat=15):
