@@ -40,10 +40,12 @@ CONFIGS = {
 }
 
 
+@pytest.mark.parametrize("batched_prefill", [False, True], ids=["prefill per row", "prefill together"])
 @pytest.mark.parametrize("changes", CONFIGS.values(), ids=CONFIGS.keys())
-def test_logits_equal_the_full_forward_at_every_step(device, changes):
+def test_logits_equal_the_full_forward_at_every_step(device, changes, batched_prefill):
     """Three rows of different lengths (one with an EOS inside: documents split the local masks
-    and the global block-causal mask) step together; row 1 sits out some steps."""
+    and the global block-causal mask), prefilled one by one or in one padded batch, step
+    together; row 1 sits out some steps."""
     model = blt(device, **changes)
     prompts = [
         TOK.encode("a first document", add_eos=True) + TOK.encode(PROMPT, add_eos=False),
@@ -53,8 +55,12 @@ def test_logits_equal_the_full_forward_at_every_step(device, changes):
     g = torch.Generator().manual_seed(0)
     decoder = BatchDecoder(model, len(prompts))
     with torch.inference_mode():
-        for row, prompt in enumerate(prompts):
-            got = decoder.prefill(row, torch.tensor(prompt, device=device))
+        ids = [torch.tensor(prompt, device=device) for prompt in prompts]
+        if batched_prefill:
+            prefilled = decoder.prefill_rows([0, 1, 2], ids)
+        else:
+            prefilled = [decoder.prefill(row, row_ids) for row, row_ids in enumerate(ids)]
+        for got, prompt in zip(prefilled, prompts):
             torch.testing.assert_close(got, model(torch.tensor([prompt], device=device))[0], atol=1e-4, rtol=1e-4)
         for step in range(40):
             rows = [0, 2] if step % 3 == 1 else [0, 1, 2]
@@ -88,6 +94,10 @@ def test_bad_calls_are_refused(device):
         decoder.prefill(0, torch.tensor([], dtype=torch.long))
     with pytest.raises(ValueError, match=r"rows must be distinct and prefilled, got \[0\]"):
         decoder.step([0], torch.tensor([5]))
+    with pytest.raises(ValueError, match=r"prefill: rows must be distinct, one per prompt, got \[0, 1\] for 1 prompts"):
+        decoder.prefill_rows([0, 1], [torch.tensor([1, 5])])
+    with pytest.raises(ValueError, match=r"prefill: rows must be distinct, one per prompt, got \[1, 1\] for 2 prompts"):
+        decoder.prefill_rows([1, 1], [torch.tensor([1, 5]), torch.tensor([1])])
     decoder.prefill(0, torch.tensor([1, 5, 6]))
     with pytest.raises(ValueError, match=r"row 0 already holds 3 bytes; use step"):
         decoder.prefill(0, torch.tensor([7]))

@@ -2,8 +2,9 @@
 
 A new byte costs one position in the entropy model, the local encoder and the local decoder,
 and one position in the global transformer each time a patch completes, instead of a forward
-over the whole prefix; the rows of a batch take their step together. It gives the logits of the
-full forward because everything the last byte reads is final once computed:
+over the whole prefix; the rows of a batch take their step together, and their prompts run
+together too. It gives the logits of the full forward because everything the last byte reads is
+final once computed:
 
 - every self-attention is causal (window and documents included), so earlier positions' keys
   and values never change;
@@ -97,16 +98,28 @@ class BatchDecoder:
     def complete_patches(self, row: int) -> int:
         return self.rows[row].complete
 
-    @torch.inference_mode()
-    @eager_layers()  # compiled layers would compile anew for every step's shapes
     def prefill(self, row: int, ids: torch.Tensor) -> torch.Tensor:
         """fp32 logits [n, V] after each of the prompt ``ids`` [n] of an empty ``row``."""
-        self._check_rows("prefill", [row])
-        if ids.dim() != 1 or ids.numel() == 0:
-            raise ValueError(f"BatchDecoder.prefill: ids must be 1-D and non-empty, got shape {tuple(ids.shape)}")
-        if self.length(row) > 0:
-            raise ValueError(f"BatchDecoder.prefill: row {row} already holds {self.length(row)} bytes; use step")
-        return self._advance([row], ids[None])[0]
+        return self.prefill_rows([row], [ids])[0]
+
+    @torch.inference_mode()
+    @eager_layers()  # compiled layers would compile anew for every step's shapes
+    def prefill_rows(self, rows: list[int], prompts: list[torch.Tensor]) -> list[torch.Tensor]:
+        """fp32 logits [n_i, V] after each id of ``prompts[i]`` (1-D, n_i ids) for the empty
+        ``rows[i]``, all rows in one batch (right padded to the longest prompt)."""
+        self._check_rows("prefill", rows)
+        if len(prompts) != len(rows) or len(set(rows)) != len(rows):
+            raise ValueError(f"BatchDecoder.prefill: rows must be distinct, one per prompt, got {rows} "
+                             f"for {len(prompts)} prompts")
+        for row, ids in zip(rows, prompts):
+            if ids.dim() != 1 or ids.numel() == 0:
+                raise ValueError(f"BatchDecoder.prefill: ids must be 1-D and non-empty, got shape {tuple(ids.shape)}")
+            if self.length(row) > 0:
+                raise ValueError(f"BatchDecoder.prefill: row {row} already holds {self.length(row)} bytes; use step")
+        counts = [ids.numel() for ids in prompts]
+        ids = self._padded([ids.to(self.device, torch.long) for ids in prompts], BOE_ID)
+        logits = self._advance(rows, ids, counts)
+        return [row_logits[:count] for row_logits, count in zip(logits, counts)]
 
     @torch.inference_mode()
     @eager_layers()
@@ -117,34 +130,37 @@ class BatchDecoder:
             raise ValueError(f"BatchDecoder.step: ids must be [{len(rows)}] (one per row), got {tuple(ids.shape)}")
         if any(self.length(r) == 0 for r in rows) or len(set(rows)) != len(rows):
             raise ValueError(f"BatchDecoder.step: rows must be distinct and prefilled, got {rows}")
-        return self._advance(rows, ids[:, None])[:, 0]
+        return self._advance(rows, ids[:, None], [1] * len(rows))[:, 0]
 
     def _check_rows(self, where: str, rows: list[int]) -> None:
         if not rows or any(not 0 <= r < len(self.rows) for r in rows):
             raise ValueError(f"BatchDecoder.{where}: rows must be indices in [0, {len(self.rows)}), got {rows}")
 
-    # Either one row with n new bytes (a prompt) or R rows with one new byte each.
-    def _advance(self, rows: list[int], ids: torch.Tensor) -> torch.Tensor:
+    # Either prompts of empty rows (right padded to the longest) or one new byte for each row.
+    # A shorter prompt's padding runs through every part like its bytes; what it writes past the
+    # row's end is overwritten by the row's next bytes before anything attends to it.
+    def _advance(self, rows: list[int], ids: torch.Tensor, counts: list[int]) -> torch.Tensor:
         ids = ids.to(self.device, torch.long)
         states = [self.rows[r] for r in rows]
         starts = [s.length for s in states]
         span = (min(starts), max(starts) + ids.shape[1] - 1)
         picked = torch.tensor(rows, device=self.device)
         positions = torch.tensor(starts, device=self.device)[:, None] + torch.arange(ids.shape[1], device=self.device)
-        for state in states:
-            state.length += ids.shape[1]
+        for state, count in zip(states, counts):
+            state.length += count
         tokens = self.tokens.write(picked, positions, ids, span[1] + 1)
         doc_ids = document_ids(tokens)
-        self._patch(rows, states, ids, positions, span, doc_ids, picked)
-        byte_states = self._encode(rows, states, positions, span, doc_ids, picked)
+        step = (picked, positions, span, doc_ids, counts)
+        self._patch(rows, states, ids, step)
+        byte_states = self._encode(rows, states, step)
         self._complete_patches(rows, states)
-        return self._decode(rows, states, byte_states[-1], positions, span, doc_ids, picked)
+        return self._decode(rows, states, byte_states[-1], step)
 
     def _padded(self, rows: list[torch.Tensor], value) -> torch.Tensor:
         width = max(r.shape[-1] for r in rows)
         return torch.stack([F.pad(r, (0, width - r.shape[-1]), value=value) for r in rows])
 
-    def _patch(self, rows, states, ids, positions, span, doc_ids, picked) -> None:
+    def _patch(self, rows, states, ids, step) -> None:
         """Each row's patch layout, from the batch's cached entropies (or the patcher on each row's
         bytes)."""
         patcher = self.model.patcher
@@ -154,16 +170,20 @@ class BatchDecoder:
             lengths = self._padded([layout.patch_lengths[0] for layout in layouts], 0)
             self._set_layouts(states, lengths)
             return
+        picked, positions, span, doc_ids, counts = step
         entropy_model = self.model.entropy_model
         mask = incremental_mask(positions, span, doc_ids, entropy_model.config.sliding_window)
-        caches = self.entropy_cache.step(rows, ids.shape[1])
+        caches = self.entropy_cache.step(rows, ids.shape[1], counts)
         entropies = patcher.ops.entropy(entropy_model.run_layers(ids, positions, mask, caches))
         entropies = self.entropies.write(picked, positions, entropies, span[1] + 1)
         # Rows end at their own lengths L: a start forced just past each row's virtual byte L makes
         # its patches those of the row alone (patching is causal), whatever follows in the padding.
         starts = patcher.ops.entropy_patch_starts(entropies, patcher.threshold, patcher.threshold_add,
                                                   patcher.monotonicity, True)
-        ends = positions[:, -1:] + 2  # L + 1
+        if all(count == ids.shape[1] for count in counts):
+            ends = positions[:, -1:] + 2  # L + 1
+        else:
+            ends = torch.tensor([[s.length + 1] for s in states], device=self.device)
         starts = F.pad(starts, (0, 1)).scatter_(1, ends, True)
         self._set_layouts(states, patcher.ops.patch_layout(starts, True, patcher.max_patch_length).patch_lengths, ends)
 
@@ -179,8 +199,9 @@ class BatchDecoder:
             state.patch_lengths = patch_lengths[i : i + 1, :count]
             state.last_patch_length = last_length
 
-    def _encode(self, rows, states, positions, span, doc_ids, picked) -> list[torch.Tensor]:
+    def _encode(self, rows, states, step) -> list[torch.Tensor]:
         """Every encoder layer's states [R, n, De] of the new bytes (also kept per row)."""
+        picked, positions, span, doc_ids, counts = step
         encoder, config = self.model.local_encoder, self.model.config
         n = positions.shape[1]
         # the new bytes' hash n-grams reach `context` bytes back; before a row's start they see
@@ -190,7 +211,7 @@ class BatchDecoder:
         h = encoder.embedding(windows)[:, self.context :]
         mask = incremental_mask(positions, span, doc_ids, config.local_attention_window_len)
         rope = rope_angles(positions, encoder.head_dim, encoder.rope_theta)
-        new = encoder.byte_states(h, rope, mask, self.encoder_cache.step(rows, n))
+        new = encoder.byte_states(h, rope, mask, self.encoder_cache.step(rows, n, counts))
         for kept, layer_states in zip(self.encoder_states, new):
             kept.write(picked, positions, layer_states, span[1] + 1)
         return new
@@ -198,9 +219,9 @@ class BatchDecoder:
     def _complete_patches(self, rows, states) -> None:
         """The global transformer on the patches completed by the new bytes: all but each row's
         last patch (it holds the virtual next byte). A prompt may complete many; a step at most
-        one per row, and those rows run together."""
+        one per row. The rows run together, padded to the most patches."""
         config = self.model.config
-        ready, spans, dones, doc_ids = [], [], [], []
+        ready, spans, dones, news, doc_ids = [], [], [], [], []
         for row, state in zip(rows, states):
             done, complete = state.complete, state.patch_lengths.shape[1] - 1
             if complete <= done:
@@ -211,35 +232,32 @@ class BatchDecoder:
             ready.append((row, state))
             spans.append((first, last))
             dones.append(done)
+            news.append(complete - done)
             if config.global_block_causal:
                 tokens = self.tokens.data[row : row + 1, : state.length]
                 doc_ids.append(patch_document_ids(tokens, state.patch_lengths)[0, :complete])
         if not ready:
             return
-        # a prompt completes patches done..complete-1 of its one row, a step one patch per row
-        if len(ready) == 1:
-            (row, state), (first, last) = ready[0], spans[0]
-            new = state.patch_lengths.shape[1] - 1 - dones[0]
-            byte_states = [kept.data[row : row + 1, first:last] for kept in self.encoder_states]
-            x = self.model.local_encoder.patch_slots(byte_states, state.patch_lengths[:, dones[0] : dones[0] + new])
-        else:
-            new = 1
-            x = self._step_slots([row for row, _ in ready], spans)
+        new = max(news)
+        # one patch per row (a step, or one-byte prompts): its length is last - first
+        lengths = None if new == 1 else self._padded(
+            [state.patch_lengths[0, done : done + k] for (_, state), done, k in zip(ready, dones, news)], 0)
+        x = self._slots([row for row, _ in ready], spans, lengths)[:, : new * config.cross_attn_k]
         x = x.reshape(len(ready), new, config.global_input_dim)
         positions = torch.tensor(dones, device=self.device)[:, None] + torch.arange(new, device=self.device)
         span = (min(dones), max(dones) + new - 1)
         mask = incremental_mask(positions, span, self._padded(doc_ids, -1) if doc_ids else None, None)
-        caches = self.global_cache.step([row for row, _ in ready], new)
+        caches = self.global_cache.step([row for row, _ in ready], new, news)
         out = self.model.global_transformer.run_layers(x, positions, mask, caches)
         ready_rows = torch.tensor([row for row, _ in ready], device=self.device)
         self.patch_outputs.write(ready_rows, positions, out, span[1] + 1)
-        for _, state in ready:
-            state.complete += new
+        for (_, state), k in zip(ready, news):
+            state.complete += k
 
-    def _step_slots(self, rows, spans) -> torch.Tensor:
-        """[R, k, De] slots of the one patch each of ``rows`` completed, its bytes [first, last),
-        in one batch: the rows' bytes padded with zeros to the longest, each row's padding a
-        second patch."""
+    def _slots(self, rows, spans, lengths=None) -> torch.Tensor:
+        """[R, (N + 1) * k, De] slots of the patches each of ``rows`` completed, its bytes [first,
+        last) with patch ``lengths`` [R, N] (None: one patch), in one batch: the rows' bytes
+        padded with zeros to the longest, each row's padding a last patch."""
         encoder = self.model.local_encoder
         width = max(last - first for first, last in spans)
         # rows, firsts and lengths reach the device in one transfer
@@ -250,17 +268,23 @@ class BatchDecoder:
         back = back.clamp(max=self.encoder_states[0].data.shape[1] - 1)  # a padding index may pass the end
         layer_states = [kept.data[picked[:, None], back].masked_fill_(padding[..., None], 0)
                         for kept in self.encoder_states]
-        lengths = torch.stack([length, width - length], 1)
-        return encoder.patch_slots(layer_states, lengths)[:, : encoder.k]
+        lengths = length[:, None] if lengths is None else lengths
+        return encoder.patch_slots(layer_states, torch.cat([lengths, (width - length)[:, None]], 1))
 
-    def _decode(self, rows, states, h, positions, span, doc_ids, picked) -> torch.Tensor:
-        """Logits [R, n, V] of the new bytes. A prompt reads the complete patches through the
-        row's own layout; a single new byte t reads patch p(t + 1) - 1 = P - 2, given as the
-        only patch of the layout [1, 1] (the byte, then its virtual next byte)."""
+    def _decode(self, rows, states, h, step) -> torch.Tensor:
+        """Logits [R, n, V] of the new bytes. Prompts read the complete patches through each
+        row's own layout (and a last patch over its padding); a single new byte t reads patch
+        p(t + 1) - 1 = P - 2, given as the only patch of the layout [1, 1] (the byte, then its
+        virtual next byte)."""
+        picked, positions, span, doc_ids, counts = step
         model = self.model
-        if positions.shape[1] > 1:
-            (row,), (state,) = rows, states
-            outputs, patch_lengths = self.patch_outputs.data[row : row + 1, : state.complete], state.patch_lengths
+        n = positions.shape[1]
+        if n > 1:  # prompts of empty rows
+            patch_lengths = self._padded([s.patch_lengths[0] for s in states], 0)
+            padding = torch.tensor([[n - s.length] for s in states], device=self.device)
+            patch_lengths = torch.cat([patch_lengths, padding], 1)
+            # outputs of the complete patches; the rest is never read (no byte's p(t + 1) - 1 reaches it)
+            outputs = self.patch_outputs.data[picked, : patch_lengths.shape[1] - 1]
         else:  # patch P - 2 of each row
             last = torch.tensor([s.complete - 1 for s in states], device=self.device)
             outputs = self.patch_outputs.data[picked, last][:, None]
@@ -268,5 +292,5 @@ class BatchDecoder:
         # the last patch's output is never read (no byte's p(t + 1) - 1 reaches it): zeros
         patches = torch.cat([outputs, outputs.new_zeros(outputs.shape[0], 1, outputs.shape[2])], dim=1)
         mask = incremental_mask(positions, span, doc_ids, model.config.local_attention_window_len)
-        caches = self.decoder_cache.step(rows, positions.shape[1])
+        caches = self.decoder_cache.step(rows, n, counts)
         return model.lm_head(model.local_decoder(h, patches, patch_lengths, mask, positions, caches)).float()

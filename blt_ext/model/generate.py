@@ -74,12 +74,15 @@ def cached_next_logits(decoder: BatchDecoder, state: GenerationState, rows: torc
     take their last byte together."""
     rows, lengths = torch.stack((rows, state.lengths[rows])).tolist()  # one read from the device
     logits = {}
-    stepping = []
+    stepping, prompts = [], {}
     for row, length in zip(rows, lengths):
         if decoder.length(row) == 0:
-            logits[row] = decoder.prefill(row, state.tokens[row, :length])[-1]
+            prompts[row] = state.tokens[row, :length]
         else:
             stepping.append((row, length - 1))
+    if prompts:  # every new row's prompt in one batch
+        prefilled = decoder.prefill_rows(list(prompts), list(prompts.values()))
+        logits.update((row, row_logits[-1]) for row, row_logits in zip(prompts, prefilled))
     if stepping:
         step_rows, last = zip(*stepping)
         step_rows = list(step_rows)

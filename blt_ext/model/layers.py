@@ -163,23 +163,23 @@ class KVCache:
         self.k: list[torch.Tensor | None] = [None] * layers
         self.v: list[torch.Tensor | None] = [None] * layers
 
-    def step(self, rows: list[int], n: int) -> list[LayerKV]:
-        """One :class:`LayerKV` per layer that appends ``n`` positions to each of ``rows`` (in the
-        batch's order): n positions of one row, or one position for each of several rows."""
-        if len(rows) > 1 and n != 1:
-            raise ValueError(f"KVCache.step: several rows take one position each, got {n}")
+    def step(self, rows: list[int], n: int, counts: list[int] | None = None) -> list[LayerKV]:
+        """One :class:`LayerKV` per layer that writes ``n`` positions to each of ``rows`` (in the
+        batch's order) and lengthens row i by ``counts[i]`` (default n): a shorter row's further
+        positions are padding, overwritten by its next positions and never attended before."""
         starts = [self.lengths[r] for r in rows]
         end = max(starts) + n
         if len(rows) == 1:
             picked = slice(rows[0], rows[0] + 1)
-            write = (picked, slice(starts[0], end))
+            write = (picked, slice(starts[0], starts[0] + n))
         else:
             # the write positions reach the device once per step, not once per layer
             index = torch.tensor(rows, device=self.device)
-            write = (index, torch.tensor(starts, device=self.device))
+            positions = torch.tensor(starts, device=self.device)[:, None] + torch.arange(n, device=self.device)
+            write = (index[:, None], positions)
             picked = slice(None) if rows == list(range(len(self.lengths))) else index  # all rows: a view
-        for row in rows:
-            self.lengths[row] += n
+        for row, count in zip(rows, counts or [n] * len(rows)):
+            self.lengths[row] += count
         return [LayerKV(self, layer, write, picked, end) for layer in range(len(self.k))]
 
     def _reserve(self, layer: int, like: torch.Tensor, end: int) -> None:
@@ -208,10 +208,11 @@ class LayerKV(NamedTuple):
         cache, layer = self.cache, self.layer
         cache._reserve(layer, k, self.end)
         rows, positions = self.write
-        if isinstance(positions, slice):  # one row, n positions
+        if isinstance(positions, slice):  # one row
             cache.k[layer][rows, :, positions], cache.v[layer][rows, :, positions] = k, v
-        else:  # one position for each row
-            cache.k[layer][rows, :, positions], cache.v[layer][rows, :, positions] = k[:, :, 0], v[:, :, 0]
+        else:  # [R, 1] rows and [R, n] positions index the cache as [R, n, Hkv, D]
+            cache.k[layer][rows, :, positions] = k.transpose(1, 2)
+            cache.v[layer][rows, :, positions] = v.transpose(1, 2)
         return (cache.k[layer][self.picked, :, first_key : self.end],
                 cache.v[layer][self.picked, :, first_key : self.end])
 
