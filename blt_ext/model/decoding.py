@@ -239,10 +239,14 @@ class BatchDecoder:
         if not ready:
             return
         new = max(news)
-        # one patch per row (a step, or one-byte prompts): its length is last - first
-        lengths = None if new == 1 else self._padded(
-            [state.patch_lengths[0, done : done + k] for (_, state), done, k in zip(ready, dones, news)], 0)
-        x = self._slots([row for row, _ in ready], spans, lengths)[:, : new * config.cross_attn_k]
+        if len(ready) == 1:  # the row's own bytes and patches, as views
+            (row, state), (first, last) = ready[0], spans[0]
+            byte_states = [kept.data[row : row + 1, first:last] for kept in self.encoder_states]
+            x = self.model.local_encoder.patch_slots(byte_states, state.patch_lengths[:, dones[0] : dones[0] + new])
+        else:  # one patch per row (a step, or one-byte prompts): its length is last - first
+            lengths = None if new == 1 else self._padded(
+                [state.patch_lengths[0, done : done + k] for (_, state), done, k in zip(ready, dones, news)], 0)
+            x = self._slots([row for row, _ in ready], spans, lengths)[:, : new * config.cross_attn_k]
         x = x.reshape(len(ready), new, config.global_input_dim)
         positions = torch.tensor(dones, device=self.device)[:, None] + torch.arange(new, device=self.device)
         span = (min(dones), max(dones) + new - 1)
