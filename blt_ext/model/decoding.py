@@ -74,10 +74,10 @@ class BatchDecoder:
         self.device = model.lm_head.weight.device
         entropy_model = model.entropy_model
         self.cached_entropies = model.patcher.mode == "entropy" and isinstance(entropy_model, EntropyModel)
-        self.entropy_cache = KVCache(len(entropy_model.layers), rows, self.device) if self.cached_entropies else None
-        self.encoder_cache = KVCache(len(model.local_encoder.layers), rows, self.device)
-        self.global_cache = KVCache(len(model.global_transformer.layers), rows, self.device)
-        self.decoder_cache = KVCache(len(model.local_decoder.layers), rows, self.device)
+        self.entropy_cache = KVCache(len(entropy_model.layers), rows) if self.cached_entropies else None
+        self.encoder_cache = KVCache(len(model.local_encoder.layers), rows)
+        self.global_cache = KVCache(len(model.global_transformer.layers), rows)
+        self.decoder_cache = KVCache(len(model.local_decoder.layers), rows)
         self.rows = [_Row() for _ in range(rows)]
         # Per position of every row, so that a step reads and writes all rows in one op: bytes
         # (BOE past a row's end), entropies, each encoder layer's byte states (they feed the slots
@@ -173,7 +173,7 @@ class BatchDecoder:
         picked, positions, span, doc_ids, counts = step
         entropy_model = self.model.entropy_model
         mask = incremental_mask(positions, span, doc_ids, entropy_model.config.sliding_window)
-        caches = self.entropy_cache.step(rows, ids.shape[1], counts)
+        caches = self.entropy_cache.step(rows, picked, positions, counts)
         entropies = patcher.ops.entropy(entropy_model.run_layers(ids, positions, mask, caches))
         entropies = self.entropies.write(picked, positions, entropies, span[1] + 1)
         # Rows end at their own lengths L: a start forced just past each row's virtual byte L makes
@@ -211,7 +211,7 @@ class BatchDecoder:
         h = encoder.embedding(windows)[:, self.context :]
         mask = incremental_mask(positions, span, doc_ids, config.local_attention_window_len)
         rope = rope_angles(positions, encoder.head_dim, encoder.rope_theta)
-        new = encoder.byte_states(h, rope, mask, self.encoder_cache.step(rows, n, counts))
+        new = encoder.byte_states(h, rope, mask, self.encoder_cache.step(rows, picked, positions, counts))
         for kept, layer_states in zip(self.encoder_states, new):
             kept.write(picked, positions, layer_states, span[1] + 1)
         return new
@@ -251,9 +251,9 @@ class BatchDecoder:
         positions = torch.tensor(dones, device=self.device)[:, None] + torch.arange(new, device=self.device)
         span = (min(dones), max(dones) + new - 1)
         mask = incremental_mask(positions, span, self._padded(doc_ids, -1) if doc_ids else None, None)
-        caches = self.global_cache.step([row for row, _ in ready], new, news)
-        out = self.model.global_transformer.run_layers(x, positions, mask, caches)
         ready_rows = torch.tensor([row for row, _ in ready], device=self.device)
+        caches = self.global_cache.step([row for row, _ in ready], ready_rows, positions, news)
+        out = self.model.global_transformer.run_layers(x, positions, mask, caches)
         self.patch_outputs.write(ready_rows, positions, out, span[1] + 1)
         for (_, state), k in zip(ready, news):
             state.complete += k
@@ -287,14 +287,14 @@ class BatchDecoder:
             patch_lengths = self._padded([s.patch_lengths[0] for s in states], 0)
             padding = torch.tensor([[n - s.length] for s in states], device=self.device)
             patch_lengths = torch.cat([patch_lengths, padding], 1)
-            # outputs of the complete patches; the rest is never read (no byte's p(t + 1) - 1 reaches it)
+            # past each row's complete patches the buffer's values are never read
             outputs = self.patch_outputs.data[picked, : patch_lengths.shape[1] - 1]
         else:  # patch P - 2 of each row
             last = torch.tensor([s.complete - 1 for s in states], device=self.device)
             outputs = self.patch_outputs.data[picked, last][:, None]
             patch_lengths = torch.ones(len(rows), 2, dtype=torch.long, device=self.device)
-        # the last patch's output is never read (no byte's p(t + 1) - 1 reaches it): zeros
+        # the layout's last patch is never read either (no byte's p(t + 1) - 1 reaches it): zeros
         patches = torch.cat([outputs, outputs.new_zeros(outputs.shape[0], 1, outputs.shape[2])], dim=1)
         mask = incremental_mask(positions, span, doc_ids, model.config.local_attention_window_len)
-        caches = self.decoder_cache.step(rows, n, counts)
+        caches = self.decoder_cache.step(rows, picked, positions, counts)
         return model.lm_head(model.local_decoder(h, patches, patch_lengths, mask, positions, caches)).float()

@@ -157,28 +157,27 @@ class KVCache:
     doubles when needed; unused entries stay zero, so the masked keys of shorter rows never bring
     NaN into the attention."""
 
-    def __init__(self, layers: int, rows: int = 1, device: torch.device | str | None = None) -> None:
+    def __init__(self, layers: int, rows: int = 1) -> None:
         self.lengths = [0] * rows
-        self.device = device
         self.k: list[torch.Tensor | None] = [None] * layers
         self.v: list[torch.Tensor | None] = [None] * layers
 
-    def step(self, rows: list[int], n: int, counts: list[int] | None = None) -> list[LayerKV]:
-        """One :class:`LayerKV` per layer that writes ``n`` positions to each of ``rows`` (in the
-        batch's order) and lengthens row i by ``counts[i]`` (default n): a shorter row's further
-        positions are padding, overwritten by its next positions and never attended before."""
+    def step(self, rows: list[int], index: torch.Tensor, positions: torch.Tensor, counts: list[int]) -> list[LayerKV]:
+        """One :class:`LayerKV` per layer that writes n positions to each of ``rows`` (in the
+        batch's order) and lengthens row i by ``counts[i]``: a shorter row's further positions
+        are padding, overwritten by its next positions and never attended before. ``index`` [R]
+        and ``positions`` [R, n] are the rows and their write positions (each row's length
+        onward) on the device, made once by the caller for all the caches of a step."""
         starts = [self.lengths[r] for r in rows]
+        n = positions.shape[1]
         end = max(starts) + n
         if len(rows) == 1:
             picked = slice(rows[0], rows[0] + 1)
             write = (picked, slice(starts[0], starts[0] + n))
         else:
-            # the write positions reach the device once per step, not once per layer
-            index = torch.tensor(rows, device=self.device)
-            positions = torch.tensor(starts, device=self.device)[:, None] + torch.arange(n, device=self.device)
             write = (index[:, None], positions)
             picked = slice(None) if rows == list(range(len(self.lengths))) else index  # all rows: a view
-        for row, count in zip(rows, counts or [n] * len(rows)):
+        for row, count in zip(rows, counts):
             self.lengths[row] += count
         return [LayerKV(self, layer, write, picked, end) for layer in range(len(self.k))]
 
