@@ -226,7 +226,6 @@ _TRAIN_FIELDS = {
     "backend": "backend", "compile": "compile", "entropy_model": "entropy_model", "entropies": "entropies",
     "threshold": "threshold", "target_patch_size": "target_patch_size", "max_patch_length": "max_patch_length",
 }
-_RESUME_FIELDS = {"steps", "device", "precision", "compile", "eval_every", "checkpoint_every"}
 
 
 def _option(field: str) -> str:
@@ -236,7 +235,7 @@ def _option(field: str) -> str:
 
 
 def cmd_train(args):
-    from .train import ConfigError, TrainConfig, Trainer, TrainingInterrupted
+    from .train import RESUME_OVERRIDES, ConfigError, TrainConfig, Trainer, TrainingInterrupted
 
     given = {dest: getattr(args, dest) for dest in _TRAIN_FIELDS if getattr(args, dest) is not None}
     progress = not args.no_progress
@@ -245,7 +244,7 @@ def cmd_train(args):
             raise CLIError("task", "leave it out with --resume (the checkpoint's task is used)")
         if args.out is not None:
             raise CLIError("--out", "cannot be changed when resuming (the run continues in its directory)")
-        fixed = sorted(set(given) - _RESUME_FIELDS)
+        fixed = sorted(dest for dest in given if _TRAIN_FIELDS[dest] not in RESUME_OVERRIDES)
         if fixed:
             raise CLIError(_option(_TRAIN_FIELDS[fixed[0]]),
                            "cannot be changed when resuming (the checkpoint's settings are used)")

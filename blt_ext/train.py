@@ -95,6 +95,10 @@ class ConfigError(ValueError):
         self.field = field
 
 
+# TrainConfig fields a resumed run may change (Trainer.from_checkpoint, blt-ext train --resume)
+RESUME_OVERRIDES = frozenset({"device", "precision", "compile", "out", "steps", "eval_every", "checkpoint_every"})
+
+
 @dataclass
 class TrainConfig:
     """Every setting of a training run (stored in its checkpoints, so a resume needs none).
@@ -810,10 +814,9 @@ class Trainer:
         ``overrides`` may change ``device``, ``precision``, ``compile``, ``out`` (default: the
         checkpoint's directory), ``steps`` (to train longer), ``eval_every`` and ``checkpoint_every``.
         """
-        allowed = {"device", "precision", "compile", "out", "steps", "eval_every", "checkpoint_every"}
-        bad = sorted(set(overrides) - allowed)
+        bad = sorted(set(overrides) - RESUME_OVERRIDES)
         if bad:
-            raise ValueError(f"Trainer.from_checkpoint: cannot override {bad}; allowed: {sorted(allowed)}")
+            raise ValueError(f"Trainer.from_checkpoint: cannot override {bad}; allowed: {sorted(RESUME_OVERRIDES)}")
         state = load_checkpoint(path)
         cfg = dict(state["config"])
         file = Path(path) / CHECKPOINT_NAME if Path(path).is_dir() else Path(path)
