@@ -174,8 +174,11 @@ def generate(
         rows = state.active_rows()
         if len(rows) == 0:
             break
-        with eager_layers():  # every step has new shapes
-            logits = cached_next_logits(decoder, state, rows) if use_cache else next_logits(model, state, rows)
+        if use_cache:  # BatchDecoder runs compiled layers eagerly itself
+            logits = cached_next_logits(decoder, state, rows)
+        else:
+            with eager_layers():  # a longer prefix at every step
+                logits = next_logits(model, state, rows)
         next_ids = sample_next(logits, temperature, top_k, top_p, generator)
         state.append(rows, next_ids, stop_at_eos)
         if on_step is not None:
