@@ -67,7 +67,7 @@ if [ "$SANITIZE" != 0 ] && command -v compute-sanitizer >/dev/null; then
 fi
 if [ "${NCU:-0}" = 1 ] && command -v ncu >/dev/null; then
   # --clock-control none: profile at the clocks the card runs at (ncu would otherwise lock them)
-  step ncu 120 ncu --clock-control none --section SpeedOfLight --section Occupancy --section WarpStateStats \
+  step ncu 120 ncu --clock-control none --section SpeedOfLight --section LaunchStats --section Occupancy --section WarpStateStats \
     --section MemoryWorkloadAnalysis -k 'regex:(encoder|decoder)_(forward|backward)' "$PY" tools/ncu_attention.py
 fi
 for file in "${BENCH_FILES[@]}"; do

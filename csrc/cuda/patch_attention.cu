@@ -11,7 +11,8 @@
 // elements per lane (16-byte loads for 16-bit types), and 32 / G rows sit side by side: first
 // neighbouring heads (Dh = 64: 4 heads, a 512-byte contiguous span of a byte's row), then, when
 // H is too small to fill the warp, sub-groups that take different bytes of the range and merge
-// at the end (online softmax / sums). Each kernel step handles several bytes of the range with
+// at the end (online softmax / sums); the decoder backward takes up to four sub-groups before
+// heads (kDecoderBackwardSubGroups). Each kernel step handles several bytes of the range with
 // all their loads issued before any use, so a warp keeps many independent loads in flight.
 //
 // Patch offsets come from at::cumsum of the lengths on the device (no host synchronisation);
@@ -53,6 +54,23 @@ constexpr int kWarpsPerBlock = 4;
 constexpr int kElems = 8;     // head-dim elements per lane
 constexpr int kMaxChunk = 4;  // slot rows held in registers
 constexpr unsigned kFullMask = 0xffffffffu;
+// Sub-groups of one head the decoder backward splits a patch's bytes over, where the lanes allow
+// (the other kernels fill a warp with heads first). On the H200 at BLT-1B shapes (B4 T8192 H16
+// Dh64 k2 bf16, 1800 patches of 4.5 bytes a row) this took the decoder backward from 293 to 236 us,
+// while the forward kernels and the encoder backward were slower with four sub-groups (94 -> 193,
+// 106 -> 139 and 182 -> 260 us): their warps then spend more on per-warp set-up and merging, and
+// on byte slots that short patches leave empty, than they gain in round trips.
+constexpr int kDecoderBackwardSubGroups = 4;
+
+// Blocks of a kernel an SM must hold at once, i.e. a thread's register budget (65536 / (128 *
+// blocks)): the kernels wait on memory, and more warps keep more loads in flight. Given for
+// 16-bit types and up to two slot rows (BLT's k = 2), as many as fit without spills (the encoder
+// backward, at 96 registers, spills 8 bytes); wider types and kMaxChunk rows keep the compiler's
+// choice.
+template <typename scalar_t, int C>
+constexpr int min_blocks(int blocks) {
+  return sizeof(scalar_t) == 2 && C <= 2 ? blocks : 1;
+}
 
 template <typename scalar_t>
 struct Args {
@@ -117,6 +135,16 @@ __device__ __forceinline__ void load_packed(Packed<scalar_t>& p, const scalar_t*
 #pragma unroll
     for (int i = 0; i < kElems; ++i) p.x[i] = off + i < dh ? row[off + i] : scalar_t(0);
   }
+}
+
+// Hides a packed row's value from the compiler at this point. Called at the top of a loop on rows
+// that stay in registers, it keeps their widening inside the loop: hoisted, the widened copies would
+// double those registers and halve the warps an SM holds.
+template <typename scalar_t>
+__device__ __forceinline__ void opaque(Packed<scalar_t>& p) {
+  auto* words = reinterpret_cast<uint32_t*>(p.x);
+#pragma unroll
+  for (int i = 0; i < static_cast<int>(sizeof(p) / sizeof(uint32_t)); ++i) asm volatile("" : "+r"(words[i]));
 }
 
 template <typename scalar_t, typename acc_t>
@@ -192,8 +220,8 @@ __device__ __forceinline__ int chunk_slots(const Args<scalar_t>& a) {
 }
 
 // Where this lane sits. A warp covers one (b, p) and a group of `heads_per_warp` heads; a head
-// row takes `group` lanes, 8 elements each (16-byte loads for 16-bit types). When a warp has
-// lanes to spare (few heads), its `subs` sub-groups split the patch's byte range and merge.
+// row takes `group` lanes, 8 elements each (16-byte loads for 16-bit types). The lanes left over
+// form `subs` sub-groups per head, which split the patch's byte range and merge.
 struct Lane {
   int64_t b, p, h, bp;
   int lane, sub, subs, off;
@@ -264,7 +292,7 @@ __device__ __forceinline__ ByteRange decoder_range(const Args<scalar_t>& a, int6
 // their loads are in flight together and one online-softmax rescale covers them (a typical
 // 1-8 byte patch takes one or two steps).
 template <typename scalar_t, int C>
-__global__ void __launch_bounds__(kWarp* kWarpsPerBlock) encoder_forward_kernel(const Args<scalar_t> a) {
+__global__ void __launch_bounds__(kWarp* kWarpsPerBlock, min_blocks<scalar_t, C>(5)) encoder_forward_kernel(const Args<scalar_t> a) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int U = C <= 2 ? 4 : 2;
   Lane l;
@@ -294,6 +322,8 @@ __global__ void __launch_bounds__(kWarp* kWarpsPerBlock) encoder_forward_kernel(
   }
 
   for (int64_t base = range.begin; base < range.end; base += U * R) {
+#pragma unroll
+    for (int r = 0; r < C; ++r) opaque(qp[r]);
     Packed<scalar_t> kp[U], vp[U];
 #pragma unroll
     for (int u = 0; u < U; ++u) {
@@ -361,16 +391,15 @@ __global__ void __launch_bounds__(kWarp* kWarpsPerBlock) encoder_forward_kernel(
 }
 
 // Encoder backward: dq of the chunk's slot rows, dk/dv of the patch's bytes (summed over chunks),
-// U bytes a step with their loads in flight together.
+// U bytes per sub-group a step with their loads in flight together.
 template <typename scalar_t, int C>
-__global__ void __launch_bounds__(kWarp* kWarpsPerBlock) encoder_backward_kernel(const Args<scalar_t> a) {
+__global__ void __launch_bounds__(kWarp* kWarpsPerBlock, min_blocks<scalar_t, C>(5)) encoder_backward_kernel(const Args<scalar_t> a) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int U = C <= 2 ? 2 : 1;
   Lane l;
   if (!make_lane(a, l)) return;
   const int G = a.group, R = l.subs, dh = l.dh;
   const int64_t row = a.heads * a.head_dim;
-  const ByteRange range = encoder_range(a, l.bp);
   const int nslot = chunk_slots<C>(a);
   const int64_t first_query = l.p * a.slots + a.chunk_begin;
   const int64_t q_base = (l.b * a.queries + first_query) * row + l.h * a.head_dim;
@@ -380,21 +409,29 @@ __global__ void __launch_bounds__(kWarp* kWarpsPerBlock) encoder_backward_kernel
   const acc_t qscale = a.scale * kLog2e<acc_t>;
   const bool add = a.chunk_begin > 0;
 
-  acc_t qf[C][kElems], dof[C][kElems], dqf[C][kElems], lse2[C], delta[C];
+  // The slot rows' loads go out with the patch bounds' (they do not depend on them).
+  Packed<scalar_t> qp[C], dop[C];
+  acc_t dqf[C][kElems], lse2[C], delta[C];
 #pragma unroll
   for (int r = 0; r < C; ++r) {
     const int n = r < nslot ? dh : 0;  // rows past the chunk are zeros: they add nothing
-    acc_t of[kElems];
-    load_chunk(qf[r], a.q + q_base + r * row, l.off, n, a.vec);
-    load_chunk(dof[r], a.grad_output + q_base + r * row, l.off, n, a.vec);
-    load_chunk(of, a.output + q_base + r * row, l.off, n, a.vec);
+    Packed<scalar_t> op;
+    load_packed(qp[r], a.q + q_base + r * row, l.off, n, a.vec);
+    load_packed(dop[r], a.grad_output + q_base + r * row, l.off, n, a.vec);
+    load_packed(op, a.output + q_base + r * row, l.off, n, a.vec);
     lse2[r] = n > 0 ? lse_rows[r] * kLog2e<acc_t> : acc_t(0);
-    delta[r] = group_sum(dot(dof[r], of), G);
+    delta[r] = group_sum(dot<acc_t>(dop[r], op), G);
 #pragma unroll
     for (int e = 0; e < kElems; ++e) dqf[r][e] = 0;
   }
+  const ByteRange range = encoder_range(a, l.bp);
 
   for (int64_t base = range.begin; base < range.end; base += U * R) {
+#pragma unroll
+    for (int r = 0; r < C; ++r) {
+      opaque(qp[r]);
+      opaque(dop[r]);
+    }
     Packed<scalar_t> kp[U], vp[U];
 #pragma unroll
     for (int u = 0; u < U; ++u) {
@@ -410,11 +447,8 @@ __global__ void __launch_bounds__(kWarp* kWarpsPerBlock) encoder_backward_kernel
       for (int u = 0; u < U; ++u) {
         prob[r][u] = ds[r][u] = 0;
         if (r >= nslot) continue;
-        acc_t kc[kElems], vc[kElems];
-        unpack(kc, kp[u]);
-        unpack(vc, vp[u]);
-        const acc_t s = group_sum(dot(qf[r], kc), G);
-        const acc_t dp = group_sum(dot(dof[r], vc), G);
+        const acc_t s = group_sum(dot<acc_t>(qp[r], kp[u]), G);
+        const acc_t dp = group_sum(dot<acc_t>(dop[r], vp[u]), G);
         if (base + u * R + l.sub >= range.end) continue;
         prob[r][u] = exp2_(s * qscale - lse2[r]);
         ds[r][u] = prob[r][u] * (dp - delta[r]);
@@ -437,10 +471,13 @@ __global__ void __launch_bounds__(kWarp* kWarpsPerBlock) encoder_backward_kernel
       acc_t dkf[kElems] = {}, dvf[kElems] = {};
 #pragma unroll
       for (int r = 0; r < C; ++r) {
+        acc_t qc[kElems], doc[kElems];
+        unpack(qc, qp[r]);
+        unpack(doc, dop[r]);
 #pragma unroll
         for (int e = 0; e < kElems; ++e) {
-          dkf[e] += ds[r][u] * qf[r][e];
-          dvf[e] += prob[r][u] * dof[r][e];
+          dkf[e] += ds[r][u] * qc[e];
+          dvf[e] += prob[r][u] * doc[e];
         }
       }
       store_chunk(a.dk + (l.b * a.keys + i) * row + l.h * a.head_dim, dkf, a.scale, l.off, dh, a.vec, add);
@@ -461,9 +498,11 @@ __global__ void __launch_bounds__(kWarp* kWarpsPerBlock) encoder_backward_kernel
 }
 
 // Decoder forward: the bytes that read patch p attend the chunk's slot keys, U bytes a step with
-// their q loads in flight together; the slot rows stay in registers.
-template <typename scalar_t, int C>
-__global__ void __launch_bounds__(kWarp* kWarpsPerBlock) decoder_forward_kernel(const Args<scalar_t> a) {
+// their q loads in flight together; the slot rows stay in registers. Multi: the slots come in
+// several chunks, and every chunk after the first merges into the earlier ones' output (without
+// that path a one-chunk launch needs a quarter fewer registers).
+template <typename scalar_t, int C, bool Multi>
+__global__ void __launch_bounds__(kWarp* kWarpsPerBlock, min_blocks<scalar_t, C>(6)) decoder_forward_kernel(const Args<scalar_t> a) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int U = 4;
   Lane l;
@@ -473,7 +512,7 @@ __global__ void __launch_bounds__(kWarp* kWarpsPerBlock) decoder_forward_kernel(
   const int nslot = chunk_slots<C>(a);
   const int64_t k_base = (l.b * a.keys + l.p * a.slots + a.chunk_begin) * row + l.h * a.head_dim;
   const acc_t qscale = a.scale * kLog2e<acc_t>;
-  const bool merge = a.chunk_begin > 0;
+  const bool merge = Multi && a.chunk_begin > 0;
 
   // The slot rows' loads go out with the byte range's (they do not depend on it), so a warp
   // waits for two memory round trips before its first score, not three.
@@ -491,6 +530,11 @@ __global__ void __launch_bounds__(kWarp* kWarpsPerBlock) decoder_forward_kernel(
   acc_t* lse_row = a.lse + (l.b * a.heads + l.h) * a.queries;
 
   for (int64_t base = range.begin; base < range.end; base += U * R) {
+#pragma unroll
+    for (int r = 0; r < C; ++r) {
+      opaque(kp[r]);
+      opaque(vp[r]);
+    }
     Packed<scalar_t> qp[U];
     acc_t prev_lse[U];
 #pragma unroll
@@ -555,11 +599,12 @@ __global__ void __launch_bounds__(kWarp* kWarpsPerBlock) decoder_forward_kernel(
 
 // Decoder backward: dq of the bytes that read patch p (summed over chunks), dk/dv of its slots.
 // D_t = dO_t · O_t is summed as sum_r P_tr (dO_t · v_r) over all slots instead of read from the
-// rounded output O: a slot's dk and dv add up the bytes of a whole (possibly long) patch.
-template <typename scalar_t, int C>
-__global__ void __launch_bounds__(kWarp* kWarpsPerBlock) decoder_backward_kernel(const Args<scalar_t> a) {
+// rounded output O: a slot's dk and dv add up the bytes of a whole (possibly long) patch. Multi:
+// the slots come in several chunks, and D_t also visits the slots outside this one.
+template <typename scalar_t, int C, bool Multi>
+__global__ void __launch_bounds__(kWarp* kWarpsPerBlock, min_blocks<scalar_t, C>(5)) decoder_backward_kernel(const Args<scalar_t> a) {
   using acc_t = at::opmath_type<scalar_t>;
-  constexpr int U = C <= 2 ? 2 : 1;
+  constexpr int U = 1;
   Lane l;
   if (!make_lane(a, l)) return;
   const int G = a.group, R = l.subs, dh = l.dh;
@@ -570,12 +615,13 @@ __global__ void __launch_bounds__(kWarp* kWarpsPerBlock) decoder_backward_kernel
   const acc_t qscale = a.scale * kLog2e<acc_t>;
   const bool add = a.chunk_begin > 0;
 
-  acc_t kf[C][kElems], vf[C][kElems], dkf[C][kElems], dvf[C][kElems];
+  Packed<scalar_t> kp[C], vp[C];
+  acc_t dkf[C][kElems], dvf[C][kElems];
 #pragma unroll
   for (int r = 0; r < C; ++r) {
     const int n = r < nslot ? dh : 0;
-    load_chunk(kf[r], a.k + k_base + r * row, l.off, n, a.vec);
-    load_chunk(vf[r], a.v + k_base + r * row, l.off, n, a.vec);
+    load_packed(kp[r], a.k + k_base + r * row, l.off, n, a.vec);
+    load_packed(vp[r], a.v + k_base + r * row, l.off, n, a.vec);
 #pragma unroll
     for (int e = 0; e < kElems; ++e) dkf[r][e] = dvf[r][e] = 0;
   }
@@ -584,6 +630,11 @@ __global__ void __launch_bounds__(kWarp* kWarpsPerBlock) decoder_backward_kernel
   const acc_t* lse_row = a.lse + (l.b * a.heads + l.h) * a.queries;
 
   for (int64_t base = range.begin; base < range.end; base += U * R) {
+#pragma unroll
+    for (int r = 0; r < C; ++r) {
+      opaque(kp[r]);
+      opaque(vp[r]);
+    }
     Packed<scalar_t> qp[U], dop[U];
     acc_t lse2[U];
 #pragma unroll
@@ -599,28 +650,26 @@ __global__ void __launch_bounds__(kWarp* kWarpsPerBlock) decoder_backward_kernel
     for (int u = 0; u < U; ++u) {
       const int64_t t = base + u * R + l.sub;
       const bool live = t < range.end && t >= range.live;
-      acc_t qc[kElems], doc[kElems];
-      unpack(qc, qp[u]);
-      unpack(doc, dop[u]);
       delta[u] = 0;
 #pragma unroll
       for (int r = 0; r < C; ++r) {
         prob[u][r] = dp[u][r] = 0;
         if (r >= nslot) continue;
-        const acc_t s = group_sum(dot(qc, kf[r]), G);
-        dp[u][r] = group_sum(dot(doc, vf[r]), G);
+        const acc_t s = group_sum(dot<acc_t>(qp[u], kp[r]), G);
+        dp[u][r] = group_sum(dot<acc_t>(dop[u], vp[r]), G);
         if (live) prob[u][r] = exp2_(s * qscale - lse2[u]);
         delta[u] += prob[u][r] * dp[u][r];
       }
-      // Slots outside this chunk still count in D_t (only when slots > kMaxChunk).
-      for (int64_t r = 0; r < a.slots; ++r) {
-        if (r >= a.chunk_begin && r < a.chunk_begin + nslot) continue;
-        acc_t ko[kElems], vo[kElems];
-        load_chunk(ko, a.k + patch_base + r * row, l.off, dh, a.vec);
-        load_chunk(vo, a.v + patch_base + r * row, l.off, dh, a.vec);
-        const acc_t so = group_sum(dot(qc, ko), G);
-        const acc_t dpo = group_sum(dot(doc, vo), G);
-        if (live) delta[u] += exp2_(so * qscale - lse2[u]) * dpo;
+      if constexpr (Multi) {
+        for (int64_t r = 0; r < a.slots; ++r) {
+          if (r >= a.chunk_begin && r < a.chunk_begin + nslot) continue;
+          Packed<scalar_t> ko, vo;
+          load_packed(ko, a.k + patch_base + r * row, l.off, dh, a.vec);
+          load_packed(vo, a.v + patch_base + r * row, l.off, dh, a.vec);
+          const acc_t so = group_sum(dot<acc_t>(qp[u], ko), G);
+          const acc_t dpo = group_sum(dot<acc_t>(dop[u], vo), G);
+          if (live) delta[u] += exp2_(so * qscale - lse2[u]) * dpo;
+        }
       }
     }
 #pragma unroll
@@ -633,9 +682,11 @@ __global__ void __launch_bounds__(kWarp* kWarpsPerBlock) decoder_backward_kernel
 #pragma unroll
       for (int r = 0; r < C; ++r) {
         const acc_t ds = prob[u][r] * (dp[u][r] - delta[u]);  // 0 for rows that see no patch
+        acc_t kc[kElems];
+        unpack(kc, kp[r]);
 #pragma unroll
         for (int e = 0; e < kElems; ++e) {
-          dqf[e] += ds * kf[r][e];
+          dqf[e] += ds * kc[e];
           dkf[r][e] += ds * qc[e];
           dvf[r][e] += prob[u][r] * doc[e];
         }
@@ -662,8 +713,10 @@ __global__ void __launch_bounds__(kWarp* kWarpsPerBlock) decoder_backward_kernel
 }
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
+// sub_groups: how many sub-groups per head the lanes go to before neighbouring heads.
 template <typename scalar_t>
-Args<scalar_t> make_args(const AttentionShape& s, const at::Tensor& lengths, const at::Tensor& ends, double scale) {
+Args<scalar_t> make_args(const AttentionShape& s, const at::Tensor& lengths, const at::Tensor& ends, double scale,
+                         int sub_groups) {
   Args<scalar_t> a{};
   a.lengths = lengths.const_data_ptr<int64_t>();
   a.ends = ends.const_data_ptr<int64_t>();
@@ -680,7 +733,7 @@ Args<scalar_t> make_args(const AttentionShape& s, const at::Tensor& lengths, con
   a.group = 1;
   while (a.group < lanes) a.group <<= 1;
   a.heads_per_warp = 1;
-  while (a.heads_per_warp < kWarp / a.group && a.heads_per_warp < s.heads) a.heads_per_warp <<= 1;
+  while (a.heads_per_warp * sub_groups < kWarp / a.group && a.heads_per_warp < s.heads) a.heads_per_warp <<= 1;
   a.head_groups = (s.heads + a.heads_per_warp - 1) / a.heads_per_warp;
   return a;
 }
@@ -691,7 +744,8 @@ int64_t warp_count(const Args<scalar_t>& a) {
   return a.batch * a.patches * a.head_groups;
 }
 
-// Runs kernel<C> over every (b, p, head group) warp, once per chunk of at most kMaxChunk slots.
+// Runs kernel<C, Multi> over every (b, p, head group) warp, once per chunk of at most kMaxChunk
+// slots; Multi: there is more than one chunk.
 template <typename scalar_t, typename Launch>
 void launch_chunks(Args<scalar_t> a, Launch launch) {
   const int64_t warps = warp_count(a);
@@ -704,11 +758,13 @@ void launch_chunks(Args<scalar_t> a, Launch launch) {
   const int64_t chunk = a.slots <= 1 ? 1 : (a.slots <= 2 ? 2 : kMaxChunk);
   for (a.chunk_begin = 0; a.chunk_begin < a.slots; a.chunk_begin += chunk) {
     if (chunk == 1) {
-      launch(std::integral_constant<int, 1>{}, grid, block, stream, a);
+      launch(std::integral_constant<int, 1>{}, std::false_type{}, grid, block, stream, a);
     } else if (chunk == 2) {
-      launch(std::integral_constant<int, 2>{}, grid, block, stream, a);
+      launch(std::integral_constant<int, 2>{}, std::false_type{}, grid, block, stream, a);
+    } else if (a.slots <= kMaxChunk) {
+      launch(std::integral_constant<int, kMaxChunk>{}, std::false_type{}, grid, block, stream, a);
     } else {
-      launch(std::integral_constant<int, kMaxChunk>{}, grid, block, stream, a);
+      launch(std::integral_constant<int, kMaxChunk>{}, std::true_type{}, grid, block, stream, a);
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
@@ -729,7 +785,7 @@ std::tuple<at::Tensor, at::Tensor> patch_cross_attention(const at::Tensor& q, co
   auto lse = at::empty({s.batch, s.heads, s.queries}, q.options().dtype(patch_attention::lse_dtype(q)));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "patch_cross_attention", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    auto a = make_args<scalar_t>(s, lengths, ends, scale);
+    auto a = make_args<scalar_t>(s, lengths, ends, scale, 1);
     a.q = q.const_data_ptr<scalar_t>();
     a.k = k.const_data_ptr<scalar_t>();
     a.v = v.const_data_ptr<scalar_t>();
@@ -737,12 +793,12 @@ std::tuple<at::Tensor, at::Tensor> patch_cross_attention(const at::Tensor& q, co
     a.lse = lse.mutable_data_ptr<acc_t>();
     a.vec = s.head_dim % kElems == 0 && aligned16(a.q) && aligned16(a.k) && aligned16(a.v) && aligned16(a.out);
     const bool encoder = s.direction == Direction::kEncoder;
-    launch_chunks(a, [&](auto c, dim3 grid, dim3 block, cudaStream_t stream, const Args<scalar_t>& args) {
+    launch_chunks(a, [&](auto c, auto multi, dim3 grid, dim3 block, cudaStream_t stream, const Args<scalar_t>& args) {
       constexpr int C = decltype(c)::value;
       if (encoder) {
         encoder_forward_kernel<scalar_t, C><<<grid, block, 0, stream>>>(args);
       } else {
-        decoder_forward_kernel<scalar_t, C><<<grid, block, 0, stream>>>(args);
+        decoder_forward_kernel<scalar_t, C, decltype(multi)::value><<<grid, block, 0, stream>>>(args);
       }
     });
   });
@@ -764,7 +820,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> patch_cross_attention_backward(
   auto dv = at::empty_like(v);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "patch_cross_attention_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    auto a = make_args<scalar_t>(s, lengths, ends, scale);
+    const bool encoder = s.direction == Direction::kEncoder;
+    auto a = make_args<scalar_t>(s, lengths, ends, scale, encoder ? 1 : kDecoderBackwardSubGroups);
     a.q = q.const_data_ptr<scalar_t>();
     a.k = k.const_data_ptr<scalar_t>();
     a.v = v.const_data_ptr<scalar_t>();
@@ -781,13 +838,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> patch_cross_attention_backward(
                           static_cast<const void*>(a.dv)}) {
       a.vec = a.vec && aligned16(p);
     }
-    const bool encoder = s.direction == Direction::kEncoder;
-    launch_chunks(a, [&](auto c, dim3 grid, dim3 block, cudaStream_t stream, const Args<scalar_t>& args) {
+    launch_chunks(a, [&](auto c, auto multi, dim3 grid, dim3 block, cudaStream_t stream, const Args<scalar_t>& args) {
       constexpr int C = decltype(c)::value;
       if (encoder) {
         encoder_backward_kernel<scalar_t, C><<<grid, block, 0, stream>>>(args);
       } else {
-        decoder_backward_kernel<scalar_t, C><<<grid, block, 0, stream>>>(args);
+        decoder_backward_kernel<scalar_t, C, decltype(multi)::value><<<grid, block, 0, stream>>>(args);
       }
     });
   });
