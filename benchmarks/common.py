@@ -40,6 +40,17 @@ ON_CUDA = DEVICE.type == "cuda"
 # About 5 ms at the H200's 1.98 GHz: longer than any provider here takes to enqueue one call.
 QUEUE_AHEAD_CYCLES = 10_000_000
 
+# What one timing loop may take: the slow baselines (dense-mask references at 50-80 ms a call) get
+# fewer repeats, down to MIN_REPEAT, which keeps a whole gpu_check.sh run within its 10 minutes.
+TIMING_BUDGET_MS = 500
+MIN_REPEAT = 10
+
+
+def timing_repeats(call_ms, repeat, budget_ms=TIMING_BUDGET_MS):
+    """Calls to time: ``repeat``, or as many as fit in ``budget_ms`` at ``call_ms`` a call, and at
+    least MIN_REPEAT."""
+    return max(MIN_REPEAT, min(repeat, int(budget_ms / max(call_ms, 1e-6))))
+
 
 def cuda_event_median_ms(fn, warmup=5, repeat=50, queue_ahead=False):
     """Median milliseconds between CUDA events around ``fn()``; with ``queue_ahead`` each call is
@@ -66,7 +77,7 @@ def run_benchmark(benchmark, fn, *, group, provider, bytes_moved=None, rounds=No
 
     ``bytes_moved`` is the fewest bytes the workload must read and write; the runner turns it
     into GB/s. ``fn`` is called once first, which also triggers torch.compile's compilation.
-    On CUDA ``repeat`` calls are timed with events (fewer for workloads of seconds), after
+    On CUDA ``repeat`` calls are timed with events (fewer for slow calls: timing_repeats), after
     ``warmup`` more calls (default: min(5, repeat)); ``median_ms`` is the GPU time with
     ``gpu_time`` (then ``per_call_ms`` is recorded too), else the per-call time.
     """
@@ -75,6 +86,7 @@ def run_benchmark(benchmark, fn, *, group, provider, bytes_moved=None, rounds=No
     fn()
     if ON_CUDA:
         torch.cuda.synchronize()
+        repeat = timing_repeats(cuda_event_median_ms(fn, warmup=0, repeat=1), repeat)
         warmup = min(5, repeat) if warmup is None else warmup
         per_call_ms = cuda_event_median_ms(fn, warmup=warmup, repeat=repeat)
         if gpu_time:

@@ -43,7 +43,7 @@ step error-paths 120 "$PY" tools/error_path_check.py
 # The README's test command (every test, CPU and CUDA), on 8 pytest-xdist workers where available:
 # a crashing test then takes down one worker, not the run.
 XDIST=$("$PY" -c "import xdist" 2>/dev/null && echo "-n 8 --dist loadgroup")
-PYTEST_ARGS="-q --tb=short --maxfail=20 -rs -p no:cacheprovider $XDIST"
+PYTEST_ARGS="-q --tb=short --maxfail=20 -rs -p no:cacheprovider --durations=15 $XDIST"
 # Two intra-op threads per worker: eight workers then share the 16 cores instead of fighting.
 # Expandable segments: the workers' big tensors of many sizes leave less reserved-but-unused memory.
 TEST_ALLOC=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}

@@ -1,19 +1,33 @@
-"""The benchmark runner's comparison table (benchmarks/run.py): columns, ratios, bandwidth."""
+"""The benchmark runner's comparison table (benchmarks/run.py): columns, ratios, bandwidth; and how
+many calls the shared timing (benchmarks/common.py) makes."""
 
 import importlib.util
 from pathlib import Path
 
 import pytest
 
-RUN_PY = Path(__file__).resolve().parent.parent / "benchmarks" / "run.py"
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def load(name):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture(scope="module")
 def run():
-    spec = importlib.util.spec_from_file_location("bench_run", RUN_PY)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load("run")
+
+
+def test_slow_calls_get_fewer_timing_repeats():
+    common = load("common")
+    budget, floor = common.TIMING_BUDGET_MS, common.MIN_REPEAT
+    assert common.timing_repeats(0.1, 50) == 50  # fast kernels keep every repeat
+    assert common.timing_repeats(budget / 20, 50) == 20  # 20 calls fill the budget
+    assert common.timing_repeats(budget, 50) == floor  # never fewer than the floor
+    assert common.timing_repeats(0.0, 50) == 50
 
 
 def cells(line):
