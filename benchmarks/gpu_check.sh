@@ -66,9 +66,11 @@ if [ "$SANITIZE" != 0 ] && command -v compute-sanitizer >/dev/null; then
   done
 fi
 if [ "${NCU:-0}" = 1 ] && command -v ncu >/dev/null; then
-  # --clock-control none: profile at the clocks the card runs at (ncu would otherwise lock them)
+  # --clock-control none: profile at the clocks the card runs at (ncu would otherwise lock them).
+  # The compute sections say which pipe and which instructions fill the issue slots.
   step ncu 120 ncu --clock-control none --section SpeedOfLight --section LaunchStats --section Occupancy --section WarpStateStats \
-    --section MemoryWorkloadAnalysis -k 'regex:(encoder|decoder)_(forward|backward)' "$PY" tools/ncu_attention.py
+    --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis --section InstructionStats --section SchedulerStats \
+    -k 'regex:(encoder|decoder)_(forward|backward)' "$PY" tools/ncu_attention.py
 fi
 for file in "${BENCH_FILES[@]}"; do
   BLT_BENCH_DEVICE=cuda step bench "${BENCH_LIMIT:-200}" "$PY" benchmarks/run.py --record "$LOG/table.tmp" "$file" &&

@@ -13,7 +13,10 @@
 // H is too small to fill the warp, sub-groups that take different bytes of the range and merge
 // at the end (online softmax / sums); the decoder backward takes up to four sub-groups before
 // heads (kDecoderBackwardSubGroups). Each kernel step handles several bytes of the range with
-// all their loads issued before any use, so a warp keeps many independent loads in flight.
+// all their loads issued before any use, so a warp keeps many independent loads in flight. Every
+// kernel is compiled for any G and for G = kFastGroup with 16-byte loads (Dh 40-64), where the
+// shuffles and lane arithmetic are unrolled: at BLT-1B shapes the kernels use 54-68% of the SM's
+// compute throughput (ncu), so instructions count as well as loads in flight.
 //
 // Patch offsets come from at::cumsum of the lengths on the device (no host synchronisation);
 // the decoder range of p ends where the next non-empty patch ends (a binary search over the
@@ -54,6 +57,11 @@ constexpr int kWarpsPerBlock = 4;
 constexpr int kElems = 8;     // head-dim elements per lane
 constexpr int kMaxChunk = 4;  // slot rows held in registers
 constexpr unsigned kFullMask = 0xffffffffu;
+// The lane group every kernel is also compiled for: 8 lanes, i.e. 32 < Dh <= 64 (BLT's 64-wide
+// heads), with 16-byte loads. There the row sums unroll into three shuffles, the lane's place is
+// shifts, and no scalar-load path is left; other shapes take the kernels compiled for any group
+// (kGroup = 0).
+constexpr int kFastGroup = 8;
 // Sub-groups of one head the decoder backward splits a patch's bytes over, where the lanes allow
 // (the other kernels fill a warp with heads first). On the H200 at BLT-1B shapes (B4 T8192 H16
 // Dh64 k2 bf16, 1800 patches of 4.5 bytes a row) this took the decoder backward from 293 to 236 us,
@@ -64,9 +72,9 @@ constexpr int kDecoderBackwardSubGroups = 4;
 
 // Blocks of a kernel an SM must hold at once, i.e. a thread's register budget (65536 / (128 *
 // blocks)): the kernels wait on memory, and more warps keep more loads in flight. Given for
-// 16-bit types and up to two slot rows (BLT's k = 2), as many as fit without spills (the encoder
-// backward, at 96 registers, spills 8 bytes); wider types and kMaxChunk rows keep the compiler's
-// choice.
+// 16-bit types and up to two slot rows (BLT's k = 2), as many as fit without spills (at 96
+// registers the encoder kernels spill 4-8 bytes); wider types and kMaxChunk rows keep the
+// compiler's choice.
 template <typename scalar_t, int C>
 constexpr int min_blocks(int blocks) {
   return sizeof(scalar_t) == 2 && C <= 2 ? blocks : 1;
@@ -125,11 +133,11 @@ struct Packed {
 
 template <typename scalar_t>
 __device__ __forceinline__ void load_packed(Packed<scalar_t>& p, const scalar_t* row, int off, int dh, bool vec) {
-  if (vec && off < dh) {
+  if (vec) {
     constexpr int kVecs = kElems * sizeof(scalar_t) / 16;
 #pragma unroll
     for (int i = 0; i < kVecs; ++i) {
-      reinterpret_cast<uint4*>(p.x)[i] = __ldg(reinterpret_cast<const uint4*>(row + off) + i);
+      reinterpret_cast<uint4*>(p.x)[i] = off < dh ? __ldg(reinterpret_cast<const uint4*>(row + off) + i) : uint4{};
     }
   } else {
 #pragma unroll
@@ -203,7 +211,8 @@ __device__ __forceinline__ acc_t dot(const Packed<scalar_t>& a, const Packed<sca
   return s;
 }
 
-// Sum over the `group` lanes of a head row; every lane of the warp must call it.
+// Sum over the `group` lanes of a head row; every lane of the warp must call it. With a
+// compile-time group (kFastGroup) the loop unrolls into its shuffles.
 template <typename acc_t>
 __device__ __forceinline__ acc_t group_sum(acc_t x, int group) {
   for (int o = group >> 1; o > 0; o >>= 1) x += __shfl_xor_sync(kFullMask, x, o);
@@ -229,9 +238,10 @@ struct Lane {
   bool leader;  // first lane of an existing head row: writes the row's scalars
 };
 
-// The host checks B * P * head_groups < 2^31, so the warp coordinates use 32-bit division.
+// The host checks B * P * head_groups < 2^31, so the warp coordinates use 32-bit division; the
+// lane group and heads per warp are powers of two, so the lane's place takes shifts and masks.
 template <typename scalar_t>
-__device__ __forceinline__ bool make_lane(const Args<scalar_t>& a, Lane& l) {
+__device__ __forceinline__ bool make_lane(const Args<scalar_t>& a, Lane& l, int group) {
   const uint32_t warp = blockIdx.x * kWarpsPerBlock + threadIdx.x / kWarp;
   if (warp >= static_cast<uint32_t>(a.batch * a.patches * a.head_groups)) return false;
   const uint32_t groups = static_cast<uint32_t>(a.head_groups), patches = static_cast<uint32_t>(a.patches);
@@ -240,13 +250,14 @@ __device__ __forceinline__ bool make_lane(const Args<scalar_t>& a, Lane& l) {
   l.b = bp / patches;
   l.p = bp % patches;
   l.lane = threadIdx.x % kWarp;
-  const int row_group = l.lane / a.group;
-  l.h = static_cast<int64_t>(warp % groups) * a.heads_per_warp + row_group % a.heads_per_warp;
-  l.sub = row_group / a.heads_per_warp;
-  l.subs = kWarp / (a.group * a.heads_per_warp);
-  l.off = (l.lane % a.group) * kElems;
+  const int group_shift = __ffs(group) - 1, heads_shift = __ffs(a.heads_per_warp) - 1;
+  const int row_group = l.lane >> group_shift;
+  l.h = static_cast<int64_t>(warp % groups) * a.heads_per_warp + (row_group & (a.heads_per_warp - 1));
+  l.sub = row_group >> heads_shift;
+  l.subs = kWarp >> (group_shift + heads_shift);
+  l.off = (l.lane & (group - 1)) * kElems;
   l.dh = l.h < a.heads ? static_cast<int>(a.head_dim) : 0;
-  l.leader = l.dh > 0 && l.lane % a.group == 0;
+  l.leader = l.dh > 0 && (l.lane & (group - 1)) == 0;
   return true;
 }
 
@@ -291,13 +302,15 @@ __device__ __forceinline__ ByteRange decoder_range(const Args<scalar_t>& a, int6
 // Encoder forward: the chunk's slot queries of patch p attend the patch's bytes, U bytes a step:
 // their loads are in flight together and one online-softmax rescale covers them (a typical
 // 1-8 byte patch takes one or two steps).
-template <typename scalar_t, int C>
+template <typename scalar_t, int C, int kGroup>
 __global__ void __launch_bounds__(kWarp* kWarpsPerBlock, min_blocks<scalar_t, C>(5)) encoder_forward_kernel(const Args<scalar_t> a) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int U = C <= 2 ? 4 : 2;
+  const int G = kGroup > 0 ? kGroup : a.group;
+  const bool vec = kGroup > 0 || a.vec;
   Lane l;
-  if (!make_lane(a, l)) return;
-  const int G = a.group, R = l.subs, dh = l.dh;
+  if (!make_lane(a, l, G)) return;
+  const int R = l.subs, dh = l.dh;
   const int64_t row = a.heads * a.head_dim;
   const int nslot = chunk_slots<C>(a);
   const int64_t first_query = l.p * a.slots + a.chunk_begin;
@@ -310,7 +323,7 @@ __global__ void __launch_bounds__(kWarp* kWarpsPerBlock, min_blocks<scalar_t, C>
   // waits for two memory round trips before its first byte's score, not three.
   Packed<scalar_t> qp[C];
 #pragma unroll
-  for (int r = 0; r < C; ++r) load_packed(qp[r], q_rows + r * row, l.off, r < nslot ? dh : 0, a.vec);
+  for (int r = 0; r < C; ++r) load_packed(qp[r], q_rows + r * row, l.off, r < nslot ? dh : 0, vec);
   const ByteRange range = encoder_range(a, l.bp);
   acc_t acc[C][kElems], m[C], denom[C];
 #pragma unroll
@@ -329,8 +342,8 @@ __global__ void __launch_bounds__(kWarp* kWarpsPerBlock, min_blocks<scalar_t, C>
     for (int u = 0; u < U; ++u) {
       const int64_t i = base + u * R + l.sub;
       const int n = i < range.end ? dh : 0;  // past the patch: zeros, masked below
-      load_packed(kp[u], k_rows + i * row, l.off, n, a.vec);
-      load_packed(vp[u], v_rows + i * row, l.off, n, a.vec);
+      load_packed(kp[u], k_rows + i * row, l.off, n, vec);
+      load_packed(vp[u], v_rows + i * row, l.off, n, vec);
     }
 #pragma unroll
     for (int r = 0; r < C; ++r) {
@@ -385,20 +398,22 @@ __global__ void __launch_bounds__(kWarp* kWarpsPerBlock, min_blocks<scalar_t, C>
   for (int r = 0; r < C; ++r) {
     if (r >= nslot || r % R != l.sub) continue;
     const bool any = denom[r] > 0;  // an empty patch: out 0, lse -inf
-    store_chunk(out_rows + r * row, acc[r], any ? acc_t(1) / denom[r] : acc_t(0), l.off, dh, a.vec, false);
+    store_chunk(out_rows + r * row, acc[r], any ? acc_t(1) / denom[r] : acc_t(0), l.off, dh, vec, false);
     if (l.leader) lse_rows[r] = any ? (m[r] + log2_(denom[r])) * kLn2<acc_t> : neg_inf<acc_t>();
   }
 }
 
 // Encoder backward: dq of the chunk's slot rows, dk/dv of the patch's bytes (summed over chunks),
 // U bytes per sub-group a step with their loads in flight together.
-template <typename scalar_t, int C>
+template <typename scalar_t, int C, int kGroup>
 __global__ void __launch_bounds__(kWarp* kWarpsPerBlock, min_blocks<scalar_t, C>(5)) encoder_backward_kernel(const Args<scalar_t> a) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int U = C <= 2 ? 2 : 1;
+  const int G = kGroup > 0 ? kGroup : a.group;
+  const bool vec = kGroup > 0 || a.vec;
   Lane l;
-  if (!make_lane(a, l)) return;
-  const int G = a.group, R = l.subs, dh = l.dh;
+  if (!make_lane(a, l, G)) return;
+  const int R = l.subs, dh = l.dh;
   const int64_t row = a.heads * a.head_dim;
   const int nslot = chunk_slots<C>(a);
   const int64_t first_query = l.p * a.slots + a.chunk_begin;
@@ -416,9 +431,9 @@ __global__ void __launch_bounds__(kWarp* kWarpsPerBlock, min_blocks<scalar_t, C>
   for (int r = 0; r < C; ++r) {
     const int n = r < nslot ? dh : 0;  // rows past the chunk are zeros: they add nothing
     Packed<scalar_t> op;
-    load_packed(qp[r], a.q + q_base + r * row, l.off, n, a.vec);
-    load_packed(dop[r], a.grad_output + q_base + r * row, l.off, n, a.vec);
-    load_packed(op, a.output + q_base + r * row, l.off, n, a.vec);
+    load_packed(qp[r], a.q + q_base + r * row, l.off, n, vec);
+    load_packed(dop[r], a.grad_output + q_base + r * row, l.off, n, vec);
+    load_packed(op, a.output + q_base + r * row, l.off, n, vec);
     lse2[r] = n > 0 ? lse_rows[r] * kLog2e<acc_t> : acc_t(0);
     delta[r] = group_sum(dot<acc_t>(dop[r], op), G);
 #pragma unroll
@@ -437,8 +452,8 @@ __global__ void __launch_bounds__(kWarp* kWarpsPerBlock, min_blocks<scalar_t, C>
     for (int u = 0; u < U; ++u) {
       const int64_t i = base + u * R + l.sub;
       const int n = i < range.end ? dh : 0;
-      load_packed(kp[u], k_rows + i * row, l.off, n, a.vec);
-      load_packed(vp[u], v_rows + i * row, l.off, n, a.vec);
+      load_packed(kp[u], k_rows + i * row, l.off, n, vec);
+      load_packed(vp[u], v_rows + i * row, l.off, n, vec);
     }
     acc_t prob[C][U], ds[C][U];
 #pragma unroll
@@ -480,8 +495,8 @@ __global__ void __launch_bounds__(kWarp* kWarpsPerBlock, min_blocks<scalar_t, C>
           dvf[e] += prob[r][u] * doc[e];
         }
       }
-      store_chunk(a.dk + (l.b * a.keys + i) * row + l.h * a.head_dim, dkf, a.scale, l.off, dh, a.vec, add);
-      store_chunk(a.dv + (l.b * a.keys + i) * row + l.h * a.head_dim, dvf, acc_t(1), l.off, dh, a.vec, add);
+      store_chunk(a.dk + (l.b * a.keys + i) * row + l.h * a.head_dim, dkf, a.scale, l.off, dh, vec, add);
+      store_chunk(a.dv + (l.b * a.keys + i) * row + l.h * a.head_dim, dvf, acc_t(1), l.off, dh, vec, add);
     }
   }
   for (int o = G * a.heads_per_warp; o < kWarp; o <<= 1) {
@@ -493,7 +508,7 @@ __global__ void __launch_bounds__(kWarp* kWarpsPerBlock, min_blocks<scalar_t, C>
   }
 #pragma unroll
   for (int r = 0; r < C; ++r) {
-    if (r < nslot && r % R == l.sub) store_chunk(a.dq + q_base + r * row, dqf[r], a.scale, l.off, dh, a.vec, false);
+    if (r < nslot && r % R == l.sub) store_chunk(a.dq + q_base + r * row, dqf[r], a.scale, l.off, dh, vec, false);
   }
 }
 
@@ -501,13 +516,15 @@ __global__ void __launch_bounds__(kWarp* kWarpsPerBlock, min_blocks<scalar_t, C>
 // their q loads in flight together; the slot rows stay in registers. Multi: the slots come in
 // several chunks, and every chunk after the first merges into the earlier ones' output (without
 // that path a one-chunk launch needs a quarter fewer registers).
-template <typename scalar_t, int C, bool Multi>
-__global__ void __launch_bounds__(kWarp* kWarpsPerBlock, min_blocks<scalar_t, C>(6)) decoder_forward_kernel(const Args<scalar_t> a) {
+template <typename scalar_t, int C, bool Multi, int kGroup>
+__global__ void __launch_bounds__(kWarp* kWarpsPerBlock, min_blocks<scalar_t, C>(kGroup > 0 ? 7 : 6)) decoder_forward_kernel(const Args<scalar_t> a) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int U = 4;
+  const int G = kGroup > 0 ? kGroup : a.group;
+  const bool vec = kGroup > 0 || a.vec;
   Lane l;
-  if (!make_lane(a, l)) return;
-  const int G = a.group, R = l.subs, dh = l.dh;
+  if (!make_lane(a, l, G)) return;
+  const int R = l.subs, dh = l.dh;
   const int64_t row = a.heads * a.head_dim;
   const int nslot = chunk_slots<C>(a);
   const int64_t k_base = (l.b * a.keys + l.p * a.slots + a.chunk_begin) * row + l.h * a.head_dim;
@@ -520,8 +537,8 @@ __global__ void __launch_bounds__(kWarp* kWarpsPerBlock, min_blocks<scalar_t, C>
 #pragma unroll
   for (int r = 0; r < C; ++r) {
     const int n = r < nslot ? dh : 0;
-    load_packed(kp[r], a.k + k_base + r * row, l.off, n, a.vec);
-    load_packed(vp[r], a.v + k_base + r * row, l.off, n, a.vec);
+    load_packed(kp[r], a.k + k_base + r * row, l.off, n, vec);
+    load_packed(vp[r], a.v + k_base + r * row, l.off, n, vec);
   }
   const ByteRange range = decoder_range(a, l.bp, l.p);
   if (range.begin >= range.end) return;
@@ -541,7 +558,7 @@ __global__ void __launch_bounds__(kWarp* kWarpsPerBlock, min_blocks<scalar_t, C>
     for (int u = 0; u < U; ++u) {
       const int64_t t = base + u * R + l.sub;
       const bool valid = t < range.end && dh > 0;
-      load_packed(qp[u], q_rows + t * row, l.off, valid ? dh : 0, a.vec);
+      load_packed(qp[u], q_rows + t * row, l.off, valid ? dh : 0, vec);
       prev_lse[u] = merge && valid ? lse_row[t] : acc_t(0);
     }
     // Every lane of a row reads the earlier chunks' lse before its leader overwrites it.
@@ -584,14 +601,14 @@ __global__ void __launch_bounds__(kWarp* kWarpsPerBlock, min_blocks<scalar_t, C>
         const acc_t top = max(prev_lse[u], lse);
         const acc_t total = top + log_(exp_(prev_lse[u] - top) + exp_(lse - top));
         acc_t prev[kElems];
-        load_chunk(prev, out_row, l.off, dh, a.vec);
+        load_chunk(prev, out_row, l.off, dh, vec);
         const acc_t w_prev = exp_(prev_lse[u] - total), w_this = exp_(lse - total) / denom;
 #pragma unroll
         for (int e = 0; e < kElems; ++e) o[e] = prev[e] * w_prev + o[e] * w_this;
         factor = 1;
         lse = total;
       }
-      store_chunk(out_row, o, factor, l.off, dh, a.vec, false);
+      store_chunk(out_row, o, factor, l.off, dh, vec, false);
       if (l.leader) lse_row[t] = lse;
     }
   }
@@ -601,13 +618,15 @@ __global__ void __launch_bounds__(kWarp* kWarpsPerBlock, min_blocks<scalar_t, C>
 // D_t = dO_t · O_t is summed as sum_r P_tr (dO_t · v_r) over all slots instead of read from the
 // rounded output O: a slot's dk and dv add up the bytes of a whole (possibly long) patch. Multi:
 // the slots come in several chunks, and D_t also visits the slots outside this one.
-template <typename scalar_t, int C, bool Multi>
+template <typename scalar_t, int C, bool Multi, int kGroup>
 __global__ void __launch_bounds__(kWarp* kWarpsPerBlock, min_blocks<scalar_t, C>(5)) decoder_backward_kernel(const Args<scalar_t> a) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int U = 1;
+  const int G = kGroup > 0 ? kGroup : a.group;
+  const bool vec = kGroup > 0 || a.vec;
   Lane l;
-  if (!make_lane(a, l)) return;
-  const int G = a.group, R = l.subs, dh = l.dh;
+  if (!make_lane(a, l, G)) return;
+  const int R = l.subs, dh = l.dh;
   const int64_t row = a.heads * a.head_dim;
   const int nslot = chunk_slots<C>(a);
   const int64_t patch_base = (l.b * a.keys + l.p * a.slots) * row + l.h * a.head_dim;
@@ -620,8 +639,8 @@ __global__ void __launch_bounds__(kWarp* kWarpsPerBlock, min_blocks<scalar_t, C>
 #pragma unroll
   for (int r = 0; r < C; ++r) {
     const int n = r < nslot ? dh : 0;
-    load_packed(kp[r], a.k + k_base + r * row, l.off, n, a.vec);
-    load_packed(vp[r], a.v + k_base + r * row, l.off, n, a.vec);
+    load_packed(kp[r], a.k + k_base + r * row, l.off, n, vec);
+    load_packed(vp[r], a.v + k_base + r * row, l.off, n, vec);
 #pragma unroll
     for (int e = 0; e < kElems; ++e) dkf[r][e] = dvf[r][e] = 0;
   }
@@ -641,8 +660,8 @@ __global__ void __launch_bounds__(kWarp* kWarpsPerBlock, min_blocks<scalar_t, C>
     for (int u = 0; u < U; ++u) {
       const int64_t t = base + u * R + l.sub;
       const int n = t < range.end ? dh : 0;
-      load_packed(qp[u], a.q + q_base + t * row, l.off, n, a.vec);
-      load_packed(dop[u], a.grad_output + q_base + t * row, l.off, n, a.vec);
+      load_packed(qp[u], a.q + q_base + t * row, l.off, n, vec);
+      load_packed(dop[u], a.grad_output + q_base + t * row, l.off, n, vec);
       lse2[u] = n > 0 && t >= range.live ? lse_row[t] * kLog2e<acc_t> : acc_t(0);
     }
     acc_t prob[U][C], dp[U][C], delta[U];
@@ -664,8 +683,8 @@ __global__ void __launch_bounds__(kWarp* kWarpsPerBlock, min_blocks<scalar_t, C>
         for (int64_t r = 0; r < a.slots; ++r) {
           if (r >= a.chunk_begin && r < a.chunk_begin + nslot) continue;
           Packed<scalar_t> ko, vo;
-          load_packed(ko, a.k + patch_base + r * row, l.off, dh, a.vec);
-          load_packed(vo, a.v + patch_base + r * row, l.off, dh, a.vec);
+          load_packed(ko, a.k + patch_base + r * row, l.off, dh, vec);
+          load_packed(vo, a.v + patch_base + r * row, l.off, dh, vec);
           const acc_t so = group_sum(dot<acc_t>(qp[u], ko), G);
           const acc_t dpo = group_sum(dot<acc_t>(dop[u], vo), G);
           if (live) delta[u] += exp2_(so * qscale - lse2[u]) * dpo;
@@ -691,7 +710,7 @@ __global__ void __launch_bounds__(kWarp* kWarpsPerBlock, min_blocks<scalar_t, C>
           dvf[r][e] += prob[u][r] * doc[e];
         }
       }
-      store_chunk(a.dq + q_base + t * row, dqf, a.scale, l.off, dh, a.vec, add);
+      store_chunk(a.dq + q_base + t * row, dqf, a.scale, l.off, dh, vec, add);
     }
   }
   for (int o = G * a.heads_per_warp; o < kWarp; o <<= 1) {
@@ -707,8 +726,8 @@ __global__ void __launch_bounds__(kWarp* kWarpsPerBlock, min_blocks<scalar_t, C>
 #pragma unroll
   for (int r = 0; r < C; ++r) {
     if (r >= nslot || r % R != l.sub) continue;
-    store_chunk(a.dk + k_base + r * row, dkf[r], a.scale, l.off, dh, a.vec, false);
-    store_chunk(a.dv + k_base + r * row, dvf[r], acc_t(1), l.off, dh, a.vec, false);
+    store_chunk(a.dk + k_base + r * row, dkf[r], a.scale, l.off, dh, vec, false);
+    store_chunk(a.dv + k_base + r * row, dvf[r], acc_t(1), l.off, dh, vec, false);
   }
 }
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
@@ -744,8 +763,8 @@ int64_t warp_count(const Args<scalar_t>& a) {
   return a.batch * a.patches * a.head_groups;
 }
 
-// Runs kernel<C, Multi> over every (b, p, head group) warp, once per chunk of at most kMaxChunk
-// slots; Multi: there is more than one chunk.
+// Runs kernel<C, Multi, kGroup> over every (b, p, head group) warp, once per chunk of at most
+// kMaxChunk slots; Multi: there is more than one chunk; kGroup: kFastGroup where it applies, else 0.
 template <typename scalar_t, typename Launch>
 void launch_chunks(Args<scalar_t> a, Launch launch) {
   const int64_t warps = warp_count(a);
@@ -756,15 +775,23 @@ void launch_chunks(Args<scalar_t> a, Launch launch) {
   const dim3 block(kWarp * kWarpsPerBlock);
   const auto stream = c10::cuda::getCurrentCUDAStream();
   const int64_t chunk = a.slots <= 1 ? 1 : (a.slots <= 2 ? 2 : kMaxChunk);
+  const bool fast = a.vec && a.group == kFastGroup;
+  const auto run = [&](auto c, auto multi) {
+    if (fast) {
+      launch(c, multi, std::integral_constant<int, kFastGroup>{}, grid, block, stream, a);
+    } else {
+      launch(c, multi, std::integral_constant<int, 0>{}, grid, block, stream, a);
+    }
+  };
   for (a.chunk_begin = 0; a.chunk_begin < a.slots; a.chunk_begin += chunk) {
     if (chunk == 1) {
-      launch(std::integral_constant<int, 1>{}, std::false_type{}, grid, block, stream, a);
+      run(std::integral_constant<int, 1>{}, std::false_type{});
     } else if (chunk == 2) {
-      launch(std::integral_constant<int, 2>{}, std::false_type{}, grid, block, stream, a);
+      run(std::integral_constant<int, 2>{}, std::false_type{});
     } else if (a.slots <= kMaxChunk) {
-      launch(std::integral_constant<int, kMaxChunk>{}, std::false_type{}, grid, block, stream, a);
+      run(std::integral_constant<int, kMaxChunk>{}, std::false_type{});
     } else {
-      launch(std::integral_constant<int, kMaxChunk>{}, std::true_type{}, grid, block, stream, a);
+      run(std::integral_constant<int, kMaxChunk>{}, std::true_type{});
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
@@ -793,12 +820,13 @@ std::tuple<at::Tensor, at::Tensor> patch_cross_attention(const at::Tensor& q, co
     a.lse = lse.mutable_data_ptr<acc_t>();
     a.vec = s.head_dim % kElems == 0 && aligned16(a.q) && aligned16(a.k) && aligned16(a.v) && aligned16(a.out);
     const bool encoder = s.direction == Direction::kEncoder;
-    launch_chunks(a, [&](auto c, auto multi, dim3 grid, dim3 block, cudaStream_t stream, const Args<scalar_t>& args) {
-      constexpr int C = decltype(c)::value;
+    launch_chunks(a, [&](auto c, auto multi, auto group, dim3 grid, dim3 block, cudaStream_t stream,
+                         const Args<scalar_t>& args) {
+      constexpr int C = decltype(c)::value, G = decltype(group)::value;
       if (encoder) {
-        encoder_forward_kernel<scalar_t, C><<<grid, block, 0, stream>>>(args);
+        encoder_forward_kernel<scalar_t, C, G><<<grid, block, 0, stream>>>(args);
       } else {
-        decoder_forward_kernel<scalar_t, C, decltype(multi)::value><<<grid, block, 0, stream>>>(args);
+        decoder_forward_kernel<scalar_t, C, decltype(multi)::value, G><<<grid, block, 0, stream>>>(args);
       }
     });
   });
@@ -838,12 +866,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> patch_cross_attention_backward(
                           static_cast<const void*>(a.dv)}) {
       a.vec = a.vec && aligned16(p);
     }
-    launch_chunks(a, [&](auto c, auto multi, dim3 grid, dim3 block, cudaStream_t stream, const Args<scalar_t>& args) {
-      constexpr int C = decltype(c)::value;
+    launch_chunks(a, [&](auto c, auto multi, auto group, dim3 grid, dim3 block, cudaStream_t stream,
+                         const Args<scalar_t>& args) {
+      constexpr int C = decltype(c)::value, G = decltype(group)::value;
       if (encoder) {
-        encoder_backward_kernel<scalar_t, C><<<grid, block, 0, stream>>>(args);
+        encoder_backward_kernel<scalar_t, C, G><<<grid, block, 0, stream>>>(args);
       } else {
-        decoder_backward_kernel<scalar_t, C, decltype(multi)::value><<<grid, block, 0, stream>>>(args);
+        decoder_backward_kernel<scalar_t, C, decltype(multi)::value, G><<<grid, block, 0, stream>>>(args);
       }
     });
   });
