@@ -99,7 +99,8 @@ constexpr int kEntropyUnroll = 4;  // 16-byte loads a lane has in flight at once
 // kLanes lanes per row: 8 for short rows (V = 260 bf16 is 32.5 loads of 16 bytes, 4 per lane, all
 // issued before the first is used), a warp for long ones. A row starts at any element offset, so
 // its first elements up to a 16-byte boundary (head) and its last ones (tail) are read one at a
-// time. Groups past the last row read nothing but still take part in the shuffles.
+// time; their loads go out before the first vector's, so a short row costs one memory round trip.
+// Groups past the last row read nothing but still take part in the shuffles.
 template <typename scalar_t, int kLanes>
 __global__ void __launch_bounds__(kEntropyThreads)
     entropy_kernel(const scalar_t* __restrict__ logits, opmath_t<scalar_t>* __restrict__ out, int64_t rows,
@@ -117,6 +118,14 @@ __global__ void __launch_bounds__(kEntropyThreads)
   const int64_t tail = head + vectors * kVec;
   const int64_t singles = valid ? head + (V - tail) : 0;
 
+  // head < kVec and V - tail < kVec: at most 2 * (kVec - 1) single elements.
+  constexpr int kSinglesPerLane = (2 * (kVec - 1) + kLanes - 1) / kLanes;
+  acc_t single[kSinglesPerLane];
+#pragma unroll
+  for (int j = 0; j < kSinglesPerLane; ++j) {
+    const int64_t k = lane + j * kLanes;
+    single[j] = k < singles ? static_cast<acc_t>(z[k < head ? k : tail + (k - head)]) : acc_t(0);
+  }
   SoftmaxStats<acc_t> st{-std::numeric_limits<acc_t>::infinity(), acc_t(0), acc_t(0)};
   bool bad = false;
   const auto* body = reinterpret_cast<const Vec<scalar_t, kVec>*>(z + head);
@@ -136,10 +145,12 @@ __global__ void __launch_bounds__(kEntropyThreads)
       }
     }
   }
-  // head < kVec and V - tail < kVec: at most 14 single elements.
-  for (int64_t k = lane; k < singles; k += kLanes) {
-    const acc_t x[1] = {static_cast<acc_t>(z[k < head ? k : tail + (k - head)])};
-    accumulate(st, bad, x);
+#pragma unroll
+  for (int j = 0; j < kSinglesPerLane; ++j) {
+    if (lane + j * kLanes < singles) {
+      const acc_t x[1] = {single[j]};
+      accumulate(st, bad, x);
+    }
   }
   // xor offsets below kLanes stay within the row's aligned group of lanes.
 #pragma unroll
