@@ -1,0 +1,363 @@
+// Patch cross-attention on CUDA (BLT_SPEC.md d "Cross-attention", f "the shift"): what the
+// forward (patch_attention_forward.cu) and backward (patch_attention_backward.cu) kernels share.
+//
+// As on the CPU, both directions are a block-diagonal attention: patch p pairs its `slots` rows
+// with one contiguous byte range (encoder: the bytes of p, which its slot rows attend; decoder:
+// the bytes t with d(t) = p, which attend its slot rows). Every kernel gives one warp to one
+// (b, p) and a group of heads: the slot rows live in registers and the warp streams the byte
+// range, so each output row and each gradient row is written by exactly one warp (no atomics,
+// deterministic).
+//
+// Within a warp, a group of G lanes (G = next power of two >= Dh / 8) holds one head row, 8
+// elements per lane (16-byte loads for 16-bit types), and 32 / G rows sit side by side: first
+// neighbouring heads (Dh = 64: 4 heads, a 512-byte contiguous span of a byte's row), then, when
+// H is too small to fill the warp, sub-groups that take different bytes of the range and merge
+// at the end (online softmax / sums); the decoder backward takes up to four sub-groups before
+// heads (kDecoderBackwardSubGroups). Each kernel step handles several bytes of the range with
+// all their loads issued before any use, so a warp keeps many independent loads in flight. Every
+// kernel is compiled for any G and for G = kFastGroup with 16-byte loads (Dh 40-64), where the
+// shuffles and lane arithmetic are unrolled: at BLT-1B shapes the kernels use 54-68% of the SM's
+// compute throughput (ncu), so instructions count as well as loads in flight.
+//
+// Patch offsets come from at::cumsum of the lengths on the device (no host synchronisation);
+// the decoder range of p ends where the next non-empty patch ends (a binary search over the
+// ends, only needed after zero-length patches). Lengths are not validated on CUDA (that needs
+// the data on the host): every range is clamped to [0, T], so bad lengths never make a kernel
+// read or write out of bounds, but rows that no valid patch covers are then left unwritten.
+//
+// Up to kMaxChunk slot rows are held in registers; more slots run as several launches over
+// chunks of slots that combine their results in the outputs (a log-sum-exp merge for the
+// decoder forward, sums for the gradients), in a fixed order.
+#pragma once
+
+#include <ATen/OpMathType.h>
+#include <ATen/core/Tensor.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include <cmath>
+#include <cstdint>
+#include <type_traits>
+
+#include "common/patch_attention.h"
+
+namespace blt_ext::cuda::patch_attention_kernels {
+
+using patch_attention::AttentionShape;
+using patch_attention::Direction;
+
+constexpr int kWarp = 32;
+constexpr int kWarpsPerBlock = 4;
+constexpr int kElems = 8;     // head-dim elements per lane
+constexpr int kMaxChunk = 4;  // slot rows held in registers
+constexpr unsigned kFullMask = 0xffffffffu;
+// The lane group every kernel is also compiled for: 8 lanes, i.e. 32 < Dh <= 64 (BLT's 64-wide
+// heads), with 16-byte loads. There the row sums unroll into three shuffles, the lane's place is
+// shifts, and no scalar-load path is left; other shapes take the kernels compiled for any group
+// (kGroup = 0).
+constexpr int kFastGroup = 8;
+// Sub-groups of one head the decoder backward splits a patch's bytes over, where the lanes allow
+// (the other kernels fill a warp with heads first). On the H200 at BLT-1B shapes (B4 T8192 H16
+// Dh64 k2 bf16, 1800 patches of 4.5 bytes a row) this took the decoder backward from 293 to 236 us,
+// while the forward kernels and the encoder backward were slower with four sub-groups (94 -> 193,
+// 106 -> 139 and 182 -> 260 us): their warps then spend more on per-warp set-up and merging, and
+// on byte slots that short patches leave empty, than they gain in round trips.
+constexpr int kDecoderBackwardSubGroups = 4;
+
+// Blocks of a kernel an SM must hold at once, i.e. a thread's register budget (65536 / (128 *
+// blocks)): the kernels wait on memory, and more warps keep more loads in flight. Given for
+// 16-bit types and up to two slot rows (BLT's k = 2), as many as fit without spills (at 96
+// registers the encoder kernels spill 4-8 bytes); wider types and kMaxChunk rows keep the
+// compiler's choice.
+template <typename scalar_t, int C>
+constexpr int min_blocks(int blocks) {
+  return sizeof(scalar_t) == 2 && C <= 2 ? blocks : 1;
+}
+
+template <typename scalar_t>
+struct Args {
+  using acc_t = at::opmath_type<scalar_t>;
+  const scalar_t* q;
+  const scalar_t* k;
+  const scalar_t* v;
+  const scalar_t* output;       // backward: the forward's output O (encoder D_i = dO_i · O_i)
+  const scalar_t* grad_output;  // backward: dO
+  scalar_t* out;                // forward
+  acc_t* lse;                   // forward: written; backward: read
+  scalar_t* dq;
+  scalar_t* dk;
+  scalar_t* dv;
+  const int64_t* lengths;  // [B, P]
+  const int64_t* ends;     // [B, P] inclusive cumulative lengths
+  int64_t batch, patches, heads, head_dim, queries, keys, bytes, slots;
+  int64_t chunk_begin;  // first slot of this launch's chunk
+  acc_t scale;
+  int group;           // lanes per head row
+  int heads_per_warp;  // head rows side by side in a warp
+  int64_t head_groups; // warps per (b, p): ceil(H / heads_per_warp)
+  bool vec;   // 16-byte vector loads allowed (Dh % 8 == 0, 16-byte aligned bases)
+};
+
+__device__ __forceinline__ float exp2_(float x) { return exp2f(x); }
+__device__ __forceinline__ double exp2_(double x) { return exp2(x); }
+__device__ __forceinline__ float log2_(float x) { return log2f(x); }
+__device__ __forceinline__ double log2_(double x) { return log2(x); }
+__device__ __forceinline__ float exp_(float x) { return expf(x); }
+__device__ __forceinline__ double exp_(double x) { return exp(x); }
+__device__ __forceinline__ float log_(float x) { return logf(x); }
+__device__ __forceinline__ double log_(double x) { return log(x); }
+
+template <typename acc_t>
+__device__ __forceinline__ acc_t neg_inf() {
+  return -static_cast<acc_t>(INFINITY);
+}
+
+template <typename acc_t>
+constexpr acc_t kLog2e = static_cast<acc_t>(1.4426950408889634);
+template <typename acc_t>
+constexpr acc_t kLn2 = static_cast<acc_t>(0.6931471805599453);
+
+// This lane's 8 elements [off, off + 8) of a head row as stored, zero past Dh. The tiles in
+// flight are kept packed (half the registers of the widened form for 16-bit types) and widened
+// where used, which keeps occupancy up.
+template <typename scalar_t>
+struct Packed {
+  alignas(16) scalar_t x[kElems];
+};
+
+template <typename scalar_t>
+__device__ __forceinline__ void load_packed(Packed<scalar_t>& p, const scalar_t* row, int off, int dh, bool vec) {
+  if (vec) {
+    constexpr int kVecs = kElems * sizeof(scalar_t) / 16;
+#pragma unroll
+    for (int i = 0; i < kVecs; ++i) {
+      reinterpret_cast<uint4*>(p.x)[i] = off < dh ? __ldg(reinterpret_cast<const uint4*>(row + off) + i) : uint4{};
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < kElems; ++i) p.x[i] = off + i < dh ? row[off + i] : scalar_t(0);
+  }
+}
+
+// Hides a packed row's value from the compiler at this point. Called at the top of a loop on rows
+// that stay in registers, it keeps their widening inside the loop: hoisted, the widened copies would
+// double those registers and halve the warps an SM holds.
+template <typename scalar_t>
+__device__ __forceinline__ void opaque(Packed<scalar_t>& p) {
+  auto* words = reinterpret_cast<uint32_t*>(p.x);
+#pragma unroll
+  for (int i = 0; i < static_cast<int>(sizeof(p) / sizeof(uint32_t)); ++i) asm volatile("" : "+r"(words[i]));
+}
+
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ void unpack(acc_t (&x)[kElems], const Packed<scalar_t>& p) {
+#pragma unroll
+  for (int i = 0; i < kElems; ++i) x[i] = static_cast<acc_t>(p.x[i]);
+}
+
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ void load_chunk(acc_t (&x)[kElems], const scalar_t* row, int off, int dh, bool vec) {
+  Packed<scalar_t> p;
+  load_packed(p, row, off, dh, vec);
+  unpack(x, p);
+}
+
+// Stores factor * x (plus the row's current value when `add`) into this lane's elements.
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ void store_chunk(scalar_t* row, const acc_t (&x)[kElems], acc_t factor, int off, int dh,
+                                            bool vec, bool add) {
+  if (off >= dh) return;
+  acc_t prev[kElems];
+  if (add) {
+    load_chunk(prev, row, off, dh, vec);
+  } else {
+#pragma unroll
+    for (int i = 0; i < kElems; ++i) prev[i] = acc_t(0);
+  }
+  if (vec) {
+    constexpr int kVecs = kElems * sizeof(scalar_t) / 16;
+    alignas(16) scalar_t vals[kElems];
+#pragma unroll
+    for (int i = 0; i < kElems; ++i) vals[i] = static_cast<scalar_t>(prev[i] + x[i] * factor);
+#pragma unroll
+    for (int i = 0; i < kVecs; ++i) reinterpret_cast<uint4*>(row + off)[i] = reinterpret_cast<const uint4*>(vals)[i];
+  } else {
+#pragma unroll
+    for (int i = 0; i < kElems; ++i) {
+      if (off + i < dh) row[off + i] = static_cast<scalar_t>(prev[i] + x[i] * factor);
+    }
+  }
+}
+
+template <typename acc_t>
+__device__ __forceinline__ acc_t dot(const acc_t (&a)[kElems], const acc_t (&b)[kElems]) {
+  acc_t s = 0;
+#pragma unroll
+  for (int i = 0; i < kElems; ++i) s += a[i] * b[i];
+  return s;
+}
+
+template <typename acc_t, typename scalar_t>
+__device__ __forceinline__ acc_t dot(const Packed<scalar_t>& a, const Packed<scalar_t>& b) {
+  acc_t s = 0;
+#pragma unroll
+  for (int i = 0; i < kElems; ++i) s += static_cast<acc_t>(a.x[i]) * static_cast<acc_t>(b.x[i]);
+  return s;
+}
+
+// Sum over the `group` lanes of a head row; every lane of the warp must call it. With a
+// compile-time group (kFastGroup) the loop unrolls into its shuffles.
+template <typename acc_t>
+__device__ __forceinline__ acc_t group_sum(acc_t x, int group) {
+  for (int o = group >> 1; o > 0; o >>= 1) x += __shfl_xor_sync(kFullMask, x, o);
+  return x;
+}
+
+__device__ __forceinline__ int64_t clamp64(int64_t x, int64_t lo, int64_t hi) { return x < lo ? lo : (x > hi ? hi : x); }
+
+// Slot rows of this launch's chunk: at most C.
+template <int C, typename scalar_t>
+__device__ __forceinline__ int chunk_slots(const Args<scalar_t>& a) {
+  const int64_t left = a.slots - a.chunk_begin;
+  return left < C ? static_cast<int>(left) : C;
+}
+
+// Where this lane sits. A warp covers one (b, p) and a group of `heads_per_warp` heads; a head
+// row takes `group` lanes, 8 elements each (16-byte loads for 16-bit types). The lanes left over
+// form `subs` sub-groups per head, which split the patch's byte range and merge.
+struct Lane {
+  int64_t b, p, h, bp;
+  int lane, sub, subs, off;
+  int dh;       // Dh, or 0 for a lane whose head is past H: it loads zeros and stores nothing
+  bool leader;  // first lane of an existing head row: writes the row's scalars
+};
+
+// The host checks B * P * head_groups < 2^31, so the warp coordinates use 32-bit division; the
+// lane group and heads per warp are powers of two, so the lane's place takes shifts and masks.
+template <typename scalar_t>
+__device__ __forceinline__ bool make_lane(const Args<scalar_t>& a, Lane& l, int group) {
+  const uint32_t warp = blockIdx.x * kWarpsPerBlock + threadIdx.x / kWarp;
+  if (warp >= static_cast<uint32_t>(a.batch * a.patches * a.head_groups)) return false;
+  const uint32_t groups = static_cast<uint32_t>(a.head_groups), patches = static_cast<uint32_t>(a.patches);
+  const uint32_t bp = warp / groups;
+  l.bp = bp;
+  l.b = bp / patches;
+  l.p = bp % patches;
+  l.lane = threadIdx.x % kWarp;
+  const int group_shift = __ffs(group) - 1, heads_shift = __ffs(a.heads_per_warp) - 1;
+  const int row_group = l.lane >> group_shift;
+  l.h = static_cast<int64_t>(warp % groups) * a.heads_per_warp + (row_group & (a.heads_per_warp - 1));
+  l.sub = row_group >> heads_shift;
+  l.subs = kWarp >> (group_shift + heads_shift);
+  l.off = (l.lane & (group - 1)) * kElems;
+  l.dh = l.h < a.heads ? static_cast<int>(a.head_dim) : 0;
+  l.leader = l.dh > 0 && (l.lane & (group - 1)) == 0;
+  return true;
+}
+
+// Query rows (decoder bytes) [begin, end) read patch p's slots; [begin, live) see no patch.
+struct ByteRange {
+  int64_t begin, live, end;
+};
+
+// Encoder: the bytes of patch p, [s_p, e_p) ∩ [0, T).
+template <typename scalar_t>
+__device__ __forceinline__ ByteRange encoder_range(const Args<scalar_t>& a, int64_t bp) {
+  const int64_t end = a.ends[bp];
+  const int64_t begin = clamp64(end - a.lengths[bp], 0, a.bytes);
+  return {begin, begin, clamp64(end, begin, a.bytes)};
+}
+
+// Decoder: the bytes t with d(t) = p, [e_p - 1, e_next - 1) ∩ [0, T) where e_next is the end of
+// the next non-empty patch (T if none); the first non-empty patch (s_p = 0) also owns the bytes
+// before e_p - 1, which see no patch. Empty patches own no byte.
+template <typename scalar_t>
+__device__ __forceinline__ ByteRange decoder_range(const Args<scalar_t>& a, int64_t bp, int64_t p) {
+  // The three index loads are issued together: one memory round trip in the common case.
+  const int64_t* ends = a.ends + (bp - p);
+  const int64_t length = a.lengths[bp], end = ends[p];
+  const int64_t next_end = p + 1 < a.patches ? ends[p + 1] : end;
+  if (length <= 0) return {0, 0, 0};
+  int64_t lo = p + 1, hi = a.patches;  // first q > p with ends[q] > end (ends are non-decreasing)
+  if (lo < hi && next_end > end) {
+    hi = lo;
+  } else {
+    while (lo < hi) {
+      const int64_t mid = (lo + hi) / 2;
+      if (ends[mid] > end) hi = mid; else lo = mid + 1;
+    }
+  }
+  const int64_t stop = lo < a.patches ? ends[lo] - 1 : a.bytes;
+  const int64_t live = clamp64(end - 1, 0, a.bytes);
+  const int64_t begin = end - length <= 0 ? 0 : live;
+  return {begin, live, clamp64(stop, live, a.bytes)};
+}
+
+inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+// sub_groups: how many sub-groups per head the lanes go to before neighbouring heads.
+template <typename scalar_t>
+Args<scalar_t> make_args(const AttentionShape& s, const at::Tensor& lengths, const at::Tensor& ends, double scale,
+                         int sub_groups) {
+  Args<scalar_t> a{};
+  a.lengths = lengths.const_data_ptr<int64_t>();
+  a.ends = ends.const_data_ptr<int64_t>();
+  a.batch = s.batch;
+  a.patches = s.patches;
+  a.heads = s.heads;
+  a.head_dim = s.head_dim;
+  a.queries = s.queries;
+  a.keys = s.keys;
+  a.bytes = s.bytes;
+  a.slots = s.slots;
+  a.scale = static_cast<typename Args<scalar_t>::acc_t>(scale);
+  const int lanes = static_cast<int>((s.head_dim + kElems - 1) / kElems);
+  a.group = 1;
+  while (a.group < lanes) a.group <<= 1;
+  a.heads_per_warp = 1;
+  while (a.heads_per_warp * sub_groups < kWarp / a.group && a.heads_per_warp < s.heads) a.heads_per_warp <<= 1;
+  a.head_groups = (s.heads + a.heads_per_warp - 1) / a.heads_per_warp;
+  return a;
+}
+
+// Warps of a launch: one per (b, p, head group).
+template <typename scalar_t>
+int64_t warp_count(const Args<scalar_t>& a) {
+  return a.batch * a.patches * a.head_groups;
+}
+
+// Runs kernel<C, Multi, kGroup> over every (b, p, head group) warp, once per chunk of at most
+// kMaxChunk slots; Multi: there is more than one chunk; kGroup: kFastGroup where it applies, else 0.
+template <typename scalar_t, typename Launch>
+void launch_chunks(Args<scalar_t> a, Launch launch) {
+  const int64_t warps = warp_count(a);
+  if (warps == 0) return;
+  TORCH_CHECK(warps < (int64_t{1} << 31),
+              "blt_ext.patch_cross_attention: B * P * ceil(H / heads per warp) must be below 2^31, got ", std::to_string(warps));
+  const dim3 grid(static_cast<unsigned>((warps + kWarpsPerBlock - 1) / kWarpsPerBlock));
+  const dim3 block(kWarp * kWarpsPerBlock);
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  const int64_t chunk = a.slots <= 1 ? 1 : (a.slots <= 2 ? 2 : kMaxChunk);
+  const bool fast = a.vec && a.group == kFastGroup;
+  const auto run = [&](auto c, auto multi) {
+    if (fast) {
+      launch(c, multi, std::integral_constant<int, kFastGroup>{}, grid, block, stream, a);
+    } else {
+      launch(c, multi, std::integral_constant<int, 0>{}, grid, block, stream, a);
+    }
+  };
+  for (a.chunk_begin = 0; a.chunk_begin < a.slots; a.chunk_begin += chunk) {
+    if (chunk == 1) {
+      run(std::integral_constant<int, 1>{}, std::false_type{});
+    } else if (chunk == 2) {
+      run(std::integral_constant<int, 2>{}, std::false_type{});
+    } else if (a.slots <= kMaxChunk) {
+      run(std::integral_constant<int, kMaxChunk>{}, std::false_type{});
+    } else {
+      run(std::integral_constant<int, kMaxChunk>{}, std::true_type{});
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+}
+
+}  // namespace blt_ext::cuda::patch_attention_kernels

@@ -1,0 +1,298 @@
+// Patch cross-attention on CUDA, backward: the encoder and decoder backward kernels and the op that
+// launches them (the design: patch_attention.cuh).
+#include <ATen/Dispatch.h>
+#include <ATen/ops/cumsum.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include "blt_ext.h"
+#include "common/checks.h"
+#include "patch_attention.cuh"
+
+namespace blt_ext::cuda {
+
+using namespace patch_attention_kernels;
+
+namespace {
+
+// Encoder backward: dq of the chunk's slot rows, dk/dv of the patch's bytes (summed over chunks),
+// U bytes per sub-group a step with their loads in flight together.
+template <typename scalar_t, int C, int kGroup>
+__global__ void __launch_bounds__(kWarp* kWarpsPerBlock, min_blocks<scalar_t, C>(5)) encoder_backward_kernel(const Args<scalar_t> a) {
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr int U = C <= 2 ? 2 : 1;
+  const int G = kGroup > 0 ? kGroup : a.group;
+  const bool vec = kGroup > 0 || a.vec;
+  Lane l;
+  if (!make_lane(a, l, G)) return;
+  const int R = l.subs, dh = l.dh;
+  const int64_t row = a.heads * a.head_dim;
+  const int nslot = chunk_slots<C>(a);
+  const int64_t first_query = l.p * a.slots + a.chunk_begin;
+  const int64_t q_base = (l.b * a.queries + first_query) * row + l.h * a.head_dim;
+  const scalar_t* k_rows = a.k + l.b * a.keys * row + l.h * a.head_dim;
+  const scalar_t* v_rows = a.v + l.b * a.keys * row + l.h * a.head_dim;
+  const acc_t* lse_rows = a.lse + (l.b * a.heads + l.h) * a.queries + first_query;
+  const acc_t qscale = a.scale * kLog2e<acc_t>;
+  const bool add = a.chunk_begin > 0;
+
+  // The slot rows' loads go out with the patch bounds' (they do not depend on them).
+  Packed<scalar_t> qp[C], dop[C];
+  acc_t dqf[C][kElems], lse2[C], delta[C];
+#pragma unroll
+  for (int r = 0; r < C; ++r) {
+    const int n = r < nslot ? dh : 0;  // rows past the chunk are zeros: they add nothing
+    Packed<scalar_t> op;
+    load_packed(qp[r], a.q + q_base + r * row, l.off, n, vec);
+    load_packed(dop[r], a.grad_output + q_base + r * row, l.off, n, vec);
+    load_packed(op, a.output + q_base + r * row, l.off, n, vec);
+    lse2[r] = n > 0 ? lse_rows[r] * kLog2e<acc_t> : acc_t(0);
+    delta[r] = group_sum(dot<acc_t>(dop[r], op), G);
+#pragma unroll
+    for (int e = 0; e < kElems; ++e) dqf[r][e] = 0;
+  }
+  const ByteRange range = encoder_range(a, l.bp);
+
+  for (int64_t base = range.begin; base < range.end; base += U * R) {
+#pragma unroll
+    for (int r = 0; r < C; ++r) {
+      opaque(qp[r]);
+      opaque(dop[r]);
+    }
+    Packed<scalar_t> kp[U], vp[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int64_t i = base + u * R + l.sub;
+      const int n = i < range.end ? dh : 0;
+      load_packed(kp[u], k_rows + i * row, l.off, n, vec);
+      load_packed(vp[u], v_rows + i * row, l.off, n, vec);
+    }
+    acc_t prob[C][U], ds[C][U];
+#pragma unroll
+    for (int r = 0; r < C; ++r) {
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        prob[r][u] = ds[r][u] = 0;
+        if (r >= nslot) continue;
+        const acc_t s = group_sum(dot<acc_t>(qp[r], kp[u]), G);
+        const acc_t dp = group_sum(dot<acc_t>(dop[r], vp[u]), G);
+        if (base + u * R + l.sub >= range.end) continue;
+        prob[r][u] = exp2_(s * qscale - lse2[r]);
+        ds[r][u] = prob[r][u] * (dp - delta[r]);
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      acc_t kc[kElems];
+      unpack(kc, kp[u]);
+#pragma unroll
+      for (int r = 0; r < C; ++r) {
+#pragma unroll
+        for (int e = 0; e < kElems; ++e) dqf[r][e] += ds[r][u] * kc[e];
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int64_t i = base + u * R + l.sub;
+      if (i >= range.end) continue;
+      acc_t dkf[kElems] = {}, dvf[kElems] = {};
+#pragma unroll
+      for (int r = 0; r < C; ++r) {
+        acc_t qc[kElems], doc[kElems];
+        unpack(qc, qp[r]);
+        unpack(doc, dop[r]);
+#pragma unroll
+        for (int e = 0; e < kElems; ++e) {
+          dkf[e] += ds[r][u] * qc[e];
+          dvf[e] += prob[r][u] * doc[e];
+        }
+      }
+      store_chunk(a.dk + (l.b * a.keys + i) * row + l.h * a.head_dim, dkf, a.scale, l.off, dh, vec, add);
+      store_chunk(a.dv + (l.b * a.keys + i) * row + l.h * a.head_dim, dvf, acc_t(1), l.off, dh, vec, add);
+    }
+  }
+  for (int o = G * a.heads_per_warp; o < kWarp; o <<= 1) {
+#pragma unroll
+    for (int r = 0; r < C; ++r) {
+#pragma unroll
+      for (int e = 0; e < kElems; ++e) dqf[r][e] += __shfl_xor_sync(kFullMask, dqf[r][e], o);
+    }
+  }
+#pragma unroll
+  for (int r = 0; r < C; ++r) {
+    if (r < nslot && r % R == l.sub) store_chunk(a.dq + q_base + r * row, dqf[r], a.scale, l.off, dh, vec, false);
+  }
+}
+
+// Decoder backward: dq of the bytes that read patch p (summed over chunks), dk/dv of its slots.
+// D_t = dO_t · O_t is summed as sum_r P_tr (dO_t · v_r) over all slots instead of read from the
+// rounded output O: a slot's dk and dv add up the bytes of a whole (possibly long) patch. Multi:
+// the slots come in several chunks, and D_t also visits the slots outside this one.
+template <typename scalar_t, int C, bool Multi, int kGroup>
+__global__ void __launch_bounds__(kWarp* kWarpsPerBlock, min_blocks<scalar_t, C>(5)) decoder_backward_kernel(const Args<scalar_t> a) {
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr int U = 1;
+  const int G = kGroup > 0 ? kGroup : a.group;
+  const bool vec = kGroup > 0 || a.vec;
+  Lane l;
+  if (!make_lane(a, l, G)) return;
+  const int R = l.subs, dh = l.dh;
+  const int64_t row = a.heads * a.head_dim;
+  const int nslot = chunk_slots<C>(a);
+  const int64_t patch_base = (l.b * a.keys + l.p * a.slots) * row + l.h * a.head_dim;
+  const int64_t k_base = patch_base + a.chunk_begin * row;
+  const acc_t qscale = a.scale * kLog2e<acc_t>;
+  const bool add = a.chunk_begin > 0;
+
+  Packed<scalar_t> kp[C], vp[C];
+  acc_t dkf[C][kElems], dvf[C][kElems];
+#pragma unroll
+  for (int r = 0; r < C; ++r) {
+    const int n = r < nslot ? dh : 0;
+    load_packed(kp[r], a.k + k_base + r * row, l.off, n, vec);
+    load_packed(vp[r], a.v + k_base + r * row, l.off, n, vec);
+#pragma unroll
+    for (int e = 0; e < kElems; ++e) dkf[r][e] = dvf[r][e] = 0;
+  }
+  const ByteRange range = decoder_range(a, l.bp, l.p);  // after the slot loads: they overlap
+  const int64_t q_base = l.b * a.queries * row + l.h * a.head_dim;
+  const acc_t* lse_row = a.lse + (l.b * a.heads + l.h) * a.queries;
+
+  for (int64_t base = range.begin; base < range.end; base += U * R) {
+#pragma unroll
+    for (int r = 0; r < C; ++r) {
+      opaque(kp[r]);
+      opaque(vp[r]);
+    }
+    Packed<scalar_t> qp[U], dop[U];
+    acc_t lse2[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int64_t t = base + u * R + l.sub;
+      const int n = t < range.end ? dh : 0;
+      load_packed(qp[u], a.q + q_base + t * row, l.off, n, vec);
+      load_packed(dop[u], a.grad_output + q_base + t * row, l.off, n, vec);
+      lse2[u] = n > 0 && t >= range.live ? lse_row[t] * kLog2e<acc_t> : acc_t(0);
+    }
+    acc_t prob[U][C], dp[U][C], delta[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int64_t t = base + u * R + l.sub;
+      const bool live = t < range.end && t >= range.live;
+      delta[u] = 0;
+#pragma unroll
+      for (int r = 0; r < C; ++r) {
+        prob[u][r] = dp[u][r] = 0;
+        if (r >= nslot) continue;
+        const acc_t s = group_sum(dot<acc_t>(qp[u], kp[r]), G);
+        dp[u][r] = group_sum(dot<acc_t>(dop[u], vp[r]), G);
+        if (live) prob[u][r] = exp2_(s * qscale - lse2[u]);
+        delta[u] += prob[u][r] * dp[u][r];
+      }
+      if constexpr (Multi) {
+        for (int64_t r = 0; r < a.slots; ++r) {
+          if (r >= a.chunk_begin && r < a.chunk_begin + nslot) continue;
+          Packed<scalar_t> ko, vo;
+          load_packed(ko, a.k + patch_base + r * row, l.off, dh, vec);
+          load_packed(vo, a.v + patch_base + r * row, l.off, dh, vec);
+          const acc_t so = group_sum(dot<acc_t>(qp[u], ko), G);
+          const acc_t dpo = group_sum(dot<acc_t>(dop[u], vo), G);
+          if (live) delta[u] += exp2_(so * qscale - lse2[u]) * dpo;
+        }
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int64_t t = base + u * R + l.sub;
+      if (t >= range.end || (add && t < range.live)) continue;
+      acc_t dqf[kElems] = {}, qc[kElems], doc[kElems];
+      unpack(qc, qp[u]);
+      unpack(doc, dop[u]);
+#pragma unroll
+      for (int r = 0; r < C; ++r) {
+        const acc_t ds = prob[u][r] * (dp[u][r] - delta[u]);  // 0 for rows that see no patch
+        acc_t kc[kElems];
+        unpack(kc, kp[r]);
+#pragma unroll
+        for (int e = 0; e < kElems; ++e) {
+          dqf[e] += ds * kc[e];
+          dkf[r][e] += ds * qc[e];
+          dvf[r][e] += prob[u][r] * doc[e];
+        }
+      }
+      store_chunk(a.dq + q_base + t * row, dqf, a.scale, l.off, dh, vec, add);
+    }
+  }
+  for (int o = G * a.heads_per_warp; o < kWarp; o <<= 1) {
+#pragma unroll
+    for (int r = 0; r < C; ++r) {
+#pragma unroll
+      for (int e = 0; e < kElems; ++e) {
+        dkf[r][e] += __shfl_xor_sync(kFullMask, dkf[r][e], o);
+        dvf[r][e] += __shfl_xor_sync(kFullMask, dvf[r][e], o);
+      }
+    }
+  }
+#pragma unroll
+  for (int r = 0; r < C; ++r) {
+    if (r >= nslot || r % R != l.sub) continue;
+    store_chunk(a.dk + k_base + r * row, dkf[r], a.scale, l.off, dh, vec, false);
+    store_chunk(a.dv + k_base + r * row, dvf[r], acc_t(1), l.off, dh, vec, false);
+  }
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> patch_cross_attention_backward(
+    const at::Tensor& grad_output, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& output, const at::Tensor& lse, const at::Tensor& patch_lengths, int64_t slots,
+    const std::string& direction, double scale) {
+  const char* op = "patch_cross_attention_backward";
+  const AttentionShape s = patch_attention::check_inputs(q, k, v, patch_lengths, slots, direction, op);
+  patch_attention::check_backward_inputs(grad_output, output, lse, q, s, op);
+  const c10::cuda::CUDAGuard guard(q.device());
+  const auto lengths = patch_lengths.contiguous();
+  const auto ends = at::cumsum(lengths, 1);
+  auto dq = at::empty_like(q);
+  auto dk = at::empty_like(k);
+  auto dv = at::empty_like(v);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "patch_cross_attention_backward", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const bool encoder = s.direction == Direction::kEncoder;
+    auto a = make_args<scalar_t>(s, lengths, ends, scale, encoder ? 1 : kDecoderBackwardSubGroups);
+    a.q = q.const_data_ptr<scalar_t>();
+    a.k = k.const_data_ptr<scalar_t>();
+    a.v = v.const_data_ptr<scalar_t>();
+    a.output = output.const_data_ptr<scalar_t>();
+    a.grad_output = grad_output.const_data_ptr<scalar_t>();
+    a.lse = const_cast<acc_t*>(lse.const_data_ptr<acc_t>());  // read only in the backward kernels
+    a.dq = dq.mutable_data_ptr<scalar_t>();
+    a.dk = dk.mutable_data_ptr<scalar_t>();
+    a.dv = dv.mutable_data_ptr<scalar_t>();
+    a.vec = s.head_dim % kElems == 0;
+    for (const void* p : {static_cast<const void*>(a.q), static_cast<const void*>(a.k), static_cast<const void*>(a.v),
+                          static_cast<const void*>(a.output), static_cast<const void*>(a.grad_output),
+                          static_cast<const void*>(a.dq), static_cast<const void*>(a.dk),
+                          static_cast<const void*>(a.dv)}) {
+      a.vec = a.vec && aligned16(p);
+    }
+    launch_chunks(a, [&](auto c, auto multi, auto group, dim3 grid, dim3 block, cudaStream_t stream,
+                         const Args<scalar_t>& args) {
+      constexpr int C = decltype(c)::value, G = decltype(group)::value;
+      if (encoder) {
+        encoder_backward_kernel<scalar_t, C, G><<<grid, block, 0, stream>>>(args);
+      } else {
+        decoder_backward_kernel<scalar_t, C, decltype(multi)::value, G><<<grid, block, 0, stream>>>(args);
+      }
+    });
+  });
+  return {dq, dk, dv};
+}
+
+}  // namespace blt_ext::cuda
+
+TORCH_LIBRARY_IMPL(blt_ext, CUDA, m) {
+  m.impl("patch_cross_attention_backward", &blt_ext::cuda::patch_cross_attention_backward);
+}

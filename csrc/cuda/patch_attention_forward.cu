@@ -1,0 +1,266 @@
+// Patch cross-attention on CUDA, forward: the encoder and decoder forward kernels and the op that
+// launches them (the design: patch_attention.cuh).
+#include <ATen/Dispatch.h>
+#include <ATen/ops/cumsum.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include "blt_ext.h"
+#include "common/checks.h"
+#include "patch_attention.cuh"
+
+namespace blt_ext::cuda {
+
+using namespace patch_attention_kernels;
+
+namespace {
+
+// Encoder forward: the chunk's slot queries of patch p attend the patch's bytes, U bytes a step:
+// their loads are in flight together and one online-softmax rescale covers them (a typical
+// 1-8 byte patch takes one or two steps).
+template <typename scalar_t, int C, int kGroup>
+__global__ void __launch_bounds__(kWarp* kWarpsPerBlock, min_blocks<scalar_t, C>(5)) encoder_forward_kernel(const Args<scalar_t> a) {
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr int U = C <= 2 ? 4 : 2;
+  const int G = kGroup > 0 ? kGroup : a.group;
+  const bool vec = kGroup > 0 || a.vec;
+  Lane l;
+  if (!make_lane(a, l, G)) return;
+  const int R = l.subs, dh = l.dh;
+  const int64_t row = a.heads * a.head_dim;
+  const int nslot = chunk_slots<C>(a);
+  const int64_t first_query = l.p * a.slots + a.chunk_begin;
+  const scalar_t* q_rows = a.q + (l.b * a.queries + first_query) * row + l.h * a.head_dim;
+  const scalar_t* k_rows = a.k + l.b * a.keys * row + l.h * a.head_dim;
+  const scalar_t* v_rows = a.v + l.b * a.keys * row + l.h * a.head_dim;
+  const acc_t qscale = a.scale * kLog2e<acc_t>;  // scores in log2 units: exp2 is one instruction
+
+  // The slot rows' loads go out with the patch bounds' (they do not depend on them), so a warp
+  // waits for two memory round trips before its first byte's score, not three.
+  Packed<scalar_t> qp[C];
+#pragma unroll
+  for (int r = 0; r < C; ++r) load_packed(qp[r], q_rows + r * row, l.off, r < nslot ? dh : 0, vec);
+  const ByteRange range = encoder_range(a, l.bp);
+  acc_t acc[C][kElems], m[C], denom[C];
+#pragma unroll
+  for (int r = 0; r < C; ++r) {
+#pragma unroll
+    for (int e = 0; e < kElems; ++e) acc[r][e] = 0;
+    m[r] = neg_inf<acc_t>();
+    denom[r] = 0;
+  }
+
+  for (int64_t base = range.begin; base < range.end; base += U * R) {
+#pragma unroll
+    for (int r = 0; r < C; ++r) opaque(qp[r]);
+    Packed<scalar_t> kp[U], vp[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int64_t i = base + u * R + l.sub;
+      const int n = i < range.end ? dh : 0;  // past the patch: zeros, masked below
+      load_packed(kp[u], k_rows + i * row, l.off, n, vec);
+      load_packed(vp[u], v_rows + i * row, l.off, n, vec);
+    }
+#pragma unroll
+    for (int r = 0; r < C; ++r) {
+      if (r >= nslot) continue;
+      acc_t s[U], m_new = m[r];
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        s[u] = group_sum(dot<acc_t>(qp[r], kp[u]), G) * qscale;
+        if (base + u * R + l.sub >= range.end) s[u] = neg_inf<acc_t>();
+        m_new = max(m_new, s[u]);
+      }
+      // A sub-group may have seen no byte yet (m_new = -inf): all its weights are then 0.
+      const acc_t m_use = m_new == neg_inf<acc_t>() ? acc_t(0) : m_new;
+      const acc_t alpha = exp2_(m[r] - m_use);
+      denom[r] *= alpha;
+#pragma unroll
+      for (int e = 0; e < kElems; ++e) acc[r][e] *= alpha;
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        const acc_t weight = exp2_(s[u] - m_use);
+        denom[r] += weight;
+        acc_t vc[kElems];
+        unpack(vc, vp[u]);
+#pragma unroll
+        for (int e = 0; e < kElems; ++e) acc[r][e] += weight * vc[e];
+      }
+      m[r] = m_new;
+    }
+  }
+  // Merge the sub-groups' partial softmax states (butterfly: every sub-group ends with the total).
+  for (int o = G * a.heads_per_warp; o < kWarp; o <<= 1) {
+#pragma unroll
+    for (int r = 0; r < C; ++r) {
+      if (r >= nslot) continue;
+      const acc_t m_other = __shfl_xor_sync(kFullMask, m[r], o);
+      const acc_t d_other = __shfl_xor_sync(kFullMask, denom[r], o);
+      acc_t acc_other[kElems];
+#pragma unroll
+      for (int e = 0; e < kElems; ++e) acc_other[e] = __shfl_xor_sync(kFullMask, acc[r][e], o);
+      const acc_t m_new = max(m[r], m_other);
+      if (m_new == neg_inf<acc_t>()) continue;
+      const acc_t a_self = exp2_(m[r] - m_new), a_other = exp2_(m_other - m_new);
+      denom[r] = denom[r] * a_self + d_other * a_other;
+#pragma unroll
+      for (int e = 0; e < kElems; ++e) acc[r][e] = acc[r][e] * a_self + acc_other[e] * a_other;
+      m[r] = m_new;
+    }
+  }
+  scalar_t* out_rows = a.out + (l.b * a.queries + first_query) * row + l.h * a.head_dim;
+  acc_t* lse_rows = a.lse + (l.b * a.heads + l.h) * a.queries + first_query;
+#pragma unroll
+  for (int r = 0; r < C; ++r) {
+    if (r >= nslot || r % R != l.sub) continue;
+    const bool any = denom[r] > 0;  // an empty patch: out 0, lse -inf
+    store_chunk(out_rows + r * row, acc[r], any ? acc_t(1) / denom[r] : acc_t(0), l.off, dh, vec, false);
+    if (l.leader) lse_rows[r] = any ? (m[r] + log2_(denom[r])) * kLn2<acc_t> : neg_inf<acc_t>();
+  }
+}
+
+// Decoder forward: the bytes that read patch p attend the chunk's slot keys, U bytes a step with
+// their q loads in flight together; the slot rows stay in registers. Multi: the slots come in
+// several chunks, and every chunk after the first merges into the earlier ones' output (without
+// that path a one-chunk launch needs a quarter fewer registers).
+template <typename scalar_t, int C, bool Multi, int kGroup>
+__global__ void __launch_bounds__(kWarp* kWarpsPerBlock, min_blocks<scalar_t, C>(kGroup > 0 ? 7 : 6)) decoder_forward_kernel(const Args<scalar_t> a) {
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr int U = 4;
+  const int G = kGroup > 0 ? kGroup : a.group;
+  const bool vec = kGroup > 0 || a.vec;
+  Lane l;
+  if (!make_lane(a, l, G)) return;
+  const int R = l.subs, dh = l.dh;
+  const int64_t row = a.heads * a.head_dim;
+  const int nslot = chunk_slots<C>(a);
+  const int64_t k_base = (l.b * a.keys + l.p * a.slots + a.chunk_begin) * row + l.h * a.head_dim;
+  const acc_t qscale = a.scale * kLog2e<acc_t>;
+  const bool merge = Multi && a.chunk_begin > 0;
+
+  // The slot rows' loads go out with the byte range's (they do not depend on it), so a warp
+  // waits for two memory round trips before its first score, not three.
+  Packed<scalar_t> kp[C], vp[C];
+#pragma unroll
+  for (int r = 0; r < C; ++r) {
+    const int n = r < nslot ? dh : 0;
+    load_packed(kp[r], a.k + k_base + r * row, l.off, n, vec);
+    load_packed(vp[r], a.v + k_base + r * row, l.off, n, vec);
+  }
+  const ByteRange range = decoder_range(a, l.bp, l.p);
+  if (range.begin >= range.end) return;
+  const scalar_t* q_rows = a.q + l.b * a.queries * row + l.h * a.head_dim;
+  scalar_t* out_rows = a.out + l.b * a.queries * row + l.h * a.head_dim;
+  acc_t* lse_row = a.lse + (l.b * a.heads + l.h) * a.queries;
+
+  for (int64_t base = range.begin; base < range.end; base += U * R) {
+#pragma unroll
+    for (int r = 0; r < C; ++r) {
+      opaque(kp[r]);
+      opaque(vp[r]);
+    }
+    Packed<scalar_t> qp[U];
+    acc_t prev_lse[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int64_t t = base + u * R + l.sub;
+      const bool valid = t < range.end && dh > 0;
+      load_packed(qp[u], q_rows + t * row, l.off, valid ? dh : 0, vec);
+      prev_lse[u] = merge && valid ? lse_row[t] : acc_t(0);
+    }
+    // Every lane of a row reads the earlier chunks' lse before its leader overwrites it.
+    if (merge) __syncwarp();
+    acc_t s[U][C];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+#pragma unroll
+      for (int r = 0; r < C; ++r) s[u][r] = r < nslot ? group_sum(dot<acc_t>(qp[u], kp[r]), G) * qscale : acc_t(0);
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int64_t t = base + u * R + l.sub;
+      if (t >= range.end) continue;
+      const bool live = t >= range.live;
+      if (merge && !live) continue;  // the first chunk already wrote 0 and -inf
+      acc_t m = neg_inf<acc_t>();
+#pragma unroll
+      for (int r = 0; r < C; ++r) {
+        if (r < nslot) m = max(m, s[u][r]);
+      }
+      acc_t o[kElems] = {}, denom = 0;
+#pragma unroll
+      for (int r = 0; r < C; ++r) {
+        if (r >= nslot) continue;
+        const acc_t weight = exp2_(s[u][r] - m);
+        denom += weight;
+        acc_t vc[kElems];
+        unpack(vc, vp[r]);
+#pragma unroll
+        for (int e = 0; e < kElems; ++e) o[e] += weight * vc[e];
+      }
+      acc_t lse = (m + log2_(denom)) * kLn2<acc_t>;
+      acc_t factor = acc_t(1) / denom;
+      scalar_t* out_row = out_rows + t * row;
+      if (!live) {
+        factor = 0;
+        lse = neg_inf<acc_t>();
+      } else if (merge) {  // combine with the earlier chunks: a log-sum-exp weighted mean
+        const acc_t top = max(prev_lse[u], lse);
+        const acc_t total = top + log_(exp_(prev_lse[u] - top) + exp_(lse - top));
+        acc_t prev[kElems];
+        load_chunk(prev, out_row, l.off, dh, vec);
+        const acc_t w_prev = exp_(prev_lse[u] - total), w_this = exp_(lse - total) / denom;
+#pragma unroll
+        for (int e = 0; e < kElems; ++e) o[e] = prev[e] * w_prev + o[e] * w_this;
+        factor = 1;
+        lse = total;
+      }
+      store_chunk(out_row, o, factor, l.off, dh, vec, false);
+      if (l.leader) lse_row[t] = lse;
+    }
+  }
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> patch_cross_attention(const at::Tensor& q, const at::Tensor& k,
+                                                         const at::Tensor& v,
+                                                         const at::Tensor& patch_lengths, int64_t slots,
+                                                         const std::string& direction, double scale) {
+  const char* op = "patch_cross_attention";
+  const AttentionShape s = patch_attention::check_inputs(q, k, v, patch_lengths, slots, direction, op);
+  const c10::cuda::CUDAGuard guard(q.device());
+  const auto lengths = patch_lengths.contiguous();
+  const auto ends = at::cumsum(lengths, 1);
+  auto out = at::empty_like(q);
+  auto lse = at::empty({s.batch, s.heads, s.queries}, q.options().dtype(patch_attention::lse_dtype(q)));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "patch_cross_attention", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    auto a = make_args<scalar_t>(s, lengths, ends, scale, 1);
+    a.q = q.const_data_ptr<scalar_t>();
+    a.k = k.const_data_ptr<scalar_t>();
+    a.v = v.const_data_ptr<scalar_t>();
+    a.out = out.mutable_data_ptr<scalar_t>();
+    a.lse = lse.mutable_data_ptr<acc_t>();
+    a.vec = s.head_dim % kElems == 0 && aligned16(a.q) && aligned16(a.k) && aligned16(a.v) && aligned16(a.out);
+    const bool encoder = s.direction == Direction::kEncoder;
+    launch_chunks(a, [&](auto c, auto multi, auto group, dim3 grid, dim3 block, cudaStream_t stream,
+                         const Args<scalar_t>& args) {
+      constexpr int C = decltype(c)::value, G = decltype(group)::value;
+      if (encoder) {
+        encoder_forward_kernel<scalar_t, C, G><<<grid, block, 0, stream>>>(args);
+      } else {
+        decoder_forward_kernel<scalar_t, C, decltype(multi)::value, G><<<grid, block, 0, stream>>>(args);
+      }
+    });
+  });
+  return {out, lse};
+}
+
+}  // namespace blt_ext::cuda
+
+TORCH_LIBRARY_IMPL(blt_ext, CUDA, m) {
+  m.impl("patch_cross_attention", &blt_ext::cuda::patch_cross_attention);
+}
