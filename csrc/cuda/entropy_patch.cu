@@ -22,6 +22,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <limits>
+#include <type_traits>
 
 #include "blt_ext.h"
 #include "common/entropy_patch.h"
@@ -93,6 +94,24 @@ struct alignas(sizeof(T) * N) Vec {
   T v[N];
 };
 
+// The elements of a vector widened to acc_t. bf16 widens by placing its bits in a float's top half
+// (exact), done on the packed 32-bit words: c10's element-wise conversion moves each 16-bit half
+// through a register of its own.
+template <typename acc_t, typename T, int N>
+__device__ __forceinline__ void widen(acc_t (&x)[N], const Vec<T, N>& raw) {
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    const auto* words = reinterpret_cast<const uint32_t*>(raw.v);
+#pragma unroll
+    for (int j = 0; j < N / 2; ++j) {
+      x[2 * j] = __uint_as_float(words[j] << 16);
+      x[2 * j + 1] = __uint_as_float(words[j] & 0xffff0000u);
+    }
+  } else {
+#pragma unroll
+    for (int j = 0; j < N; ++j) x[j] = static_cast<acc_t>(raw.v[j]);
+  }
+}
+
 constexpr int kEntropyThreads = 256;
 constexpr int kEntropyUnroll = 4;  // 16-byte loads a lane has in flight at once
 
@@ -139,8 +158,7 @@ __global__ void __launch_bounds__(kEntropyThreads)
     for (int u = 0; u < kEntropyUnroll; ++u) {
       if (i + u * kLanes < vectors) {
         acc_t x[kVec];
-#pragma unroll
-        for (int j = 0; j < kVec; ++j) x[j] = static_cast<acc_t>(raw[u].v[j]);
+        widen(x, raw[u]);
         accumulate(st, bad, x);
       }
     }
