@@ -2,7 +2,8 @@
 (B=4, T=8192, 16 heads x 64, k=2, bf16), for Nsight Compute:
 
     ncu --clock-control none -k regex:"(encoder|decoder)_(forward|backward)" \\
-        --section SpeedOfLight --section LaunchStats --section Occupancy --section WarpStateStats python tools/ncu_attention.py
+        --section SpeedOfLight --section LaunchStats --section Occupancy --section WarpStateStats \\
+        python tools/ncu_attention.py
 
 (or ``NCU=1 benchmarks/gpu_check.sh LOGDIR``)
 """

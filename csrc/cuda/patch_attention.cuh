@@ -58,10 +58,11 @@ constexpr unsigned kFullMask = 0xffffffffu;
 constexpr int kFastGroup = 8;
 // Sub-groups of one head the decoder backward splits a patch's bytes over, where the lanes allow
 // (the other kernels fill a warp with heads first). On the H200 at BLT-1B shapes (B4 T8192 H16
-// Dh64 k2 bf16, 1800 patches of 4.5 bytes a row) this took the decoder backward from 293 to 236 us,
-// while the forward kernels and the encoder backward were slower with four sub-groups (94 -> 193,
-// 106 -> 139 and 182 -> 260 us): their warps then spend more on per-warp set-up and merging, and
-// on byte slots that short patches leave empty, than they gain in round trips.
+// Dh64 k2 bf16, 1800 patches of 4.5 bytes a row), with four sub-groups and bounded registers the
+// decoder backward went from 293 to 236 us, while the forward kernels and the encoder backward
+// went from 94 to 193, 106 to 139 and 182 to 260 us: their warps then spend more on per-warp
+// set-up and merging, and on byte slots that short patches leave empty, than they gain in round
+// trips.
 constexpr int kDecoderBackwardSubGroups = 4;
 
 // Blocks of a kernel an SM must hold at once, i.e. a thread's register budget (65536 / (128 *
@@ -187,14 +188,6 @@ __device__ __forceinline__ void store_chunk(scalar_t* row, const acc_t (&x)[kEle
       if (off + i < dh) row[off + i] = static_cast<scalar_t>(prev[i] + x[i] * factor);
     }
   }
-}
-
-template <typename acc_t>
-__device__ __forceinline__ acc_t dot(const acc_t (&a)[kElems], const acc_t (&b)[kElems]) {
-  acc_t s = 0;
-#pragma unroll
-  for (int i = 0; i < kElems; ++i) s += a[i] * b[i];
-  return s;
 }
 
 template <typename acc_t, typename scalar_t>
