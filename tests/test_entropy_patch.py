@@ -242,7 +242,7 @@ def test_patch_layout_matches_reference(device, generator, include_next_token, m
 @pytest.mark.parametrize("layout_kind", ["random", "one_patch", "all_ones", "long_patch"])
 @pytest.mark.parametrize("max_patch_length", [None, 7])
 def test_patch_layout_round_trips_patch_lengths(device, generator, layout_kind, max_patch_length):
-    # 9000 positions span more than one tile of the CUDA scan.
+    # 9000 positions span many tiles of the CUDA scan (and more than one look-back window of 32).
     num_bytes = 9000
     lengths = random_patch_lengths(2, num_bytes, layout=layout_kind, generator=generator)
     starts = starts_from_lengths(lengths, num_bytes).to(device)
@@ -256,13 +256,13 @@ def test_patch_layout_round_trips_patch_lengths(device, generator, layout_kind, 
 
 @pytest.mark.parametrize("include_next_token", [True, False])
 def test_patch_layout_across_tiles(device, generator, include_next_token):
-    # The CUDA layout works on tiles of 1024 positions: patches here span several tiles, and
-    # max_patch_length splits land on, just before and just after tile boundaries.
+    # The CUDA layout works on tiles of 126 positions: patches here span several tiles (up to the
+    # whole row), and max_patch_length splits land on, just before and just after tile boundaries.
     num_bytes = 5000
-    for density in (0.0, 0.0005, 0.01):
+    for density in (0.0, 0.0005, 0.01, 0.3):
         starts = random_starts(3, num_bytes, include_next_token=include_next_token, density=density,
                                device=device, generator=generator)
-        for max_patch_length in (None, 1, 999, 1023, 1024, 1025, 2500):
+        for max_patch_length in (None, 1, 125, 126, 127, 252, 1025, 2500):
             poison_allocator(device, (3, num_bytes), (3, num_bytes + 1), (3,))
             layout = ops.patch_layout(starts, include_next_token, max_patch_length)
             assert_layout_equal(layout, ref.patch_layout(starts, include_next_token, max_patch_length))

@@ -1,12 +1,11 @@
 // Entropy patching on CUDA (BLT_SPEC.md c), every row patched on its own, no host sync.
 //
-// entropy: 8 lanes (a warp for long rows) per row of V logits, read once with 16-byte loads;
-// each lane keeps an online (max, sum e^d, sum e^d d) in fp32 and the lanes merge them.
-// entropy_patch_starts and space_patch_starts: one thread per output position. patch_layout: one
-// block per tile of a row, a max-scan for the last natural start (which also places the
-// max_patch_length splits) and a sum-scan for the patch index, carried across tiles through
-// per-tile summaries. entropy_patch: the entropy kernel into an fp32 (fp64) scratch, then the two
-// layout launches, which decide each start from the entropies instead of reading a start mask.
+// entropy: 8 lanes (a warp for long rows) per row of V logits, read once with 16-byte loads and
+// kept in registers for a max pass and a sum pass. entropy_patch_starts and space_patch_starts: one
+// thread per output position. patch_layout and entropy_patch: one launch, a block per tile of a
+// row; the tiles of a row chain their scans (last natural start, patch count) by decoupled
+// look-back. entropy_patch computes each tile's entropies in its block and decides the starts from
+// them: the logits are read once, and neither entropies nor a start mask reach memory.
 //
 // Value rules checked on CPU are not checked here (a host sync): on CUDA position 0 always starts
 // a patch, column T is ignored without include_next_token, and tokens outside [0, 260) follow
@@ -36,58 +35,48 @@ constexpr unsigned kFullMask = 0xffffffffu;
 
 // ---- entropy ----
 
-__device__ __forceinline__ float fast_exp(float x) { return __expf(x); }
-__device__ __forceinline__ double fast_exp(double x) { return exp(x); }
-
-// Softmax statistics of a set of logits: m = max, s = sum e^(z-m), t = sum e^(z-m) (z-m); the
-// entropy is log s - t / s. s == 0 marks the empty set (or only -inf logits).
+// Float statistics are kept in base 2 (ex2 is the hardware exponential): with the row max m and
+// d = (z - m) log2 e, s = sum 2^d, t = sum 2^d d and the entropy is ln 2 (log2 s - t / s). Every
+// lane shifts by the same m, so the rounding of m log2 e cancels between log2 s and t / s.
+// Arithmetic goes through the _rn intrinsics: no contraction choices, so the entropy op and the
+// fused entropy_patch (which inline the same row code) agree bit for bit.
 template <typename acc_t>
-struct SoftmaxStats {
-  acc_t m, s, t;
+struct EntropyMath;
+
+template <>
+struct EntropyMath<float> {
+  static constexpr float kScale = 1.4426950408889634f;  // log2 e
+  // Shifted logits are clamped here: 2^-127 is subnormal and ex2.approx.ftz flushes it to 0, so
+  // -inf logits (and absent elements) add exactly nothing.
+  static constexpr float kLow = -127.0f;
+  __device__ static float exp(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+  }
+  // NaN if either is NaN: a NaN logit makes the row max, and so the entropy, NaN.
+  __device__ static float max(float a, float b) {
+    float y;
+    asm("max.NaN.f32 %0, %1, %2;" : "=f"(y) : "f"(a), "f"(b));
+    return y;
+  }
+  __device__ static float fma(float a, float b, float c) { return __fmaf_rn(a, b, c); }
+  __device__ static float add(float a, float b) { return __fadd_rn(a, b); }
+  __device__ static float mul(float a, float b) { return __fmul_rn(a, b); }
+  __device__ static float entropy(float s, float t) { return 0.6931471805599453f * (log2f(s) - t / s); }
 };
 
-template <typename acc_t>
-__device__ __forceinline__ SoftmaxStats<acc_t> merge(SoftmaxStats<acc_t> a, SoftmaxStats<acc_t> b) {
-  if (a.m < b.m) {
-    const SoftmaxStats<acc_t> c = a;
-    a = b;
-    b = c;
-  }
-  if (b.s == acc_t(0)) return a;
-  // b's terms rebased on a's max: e^(z - a.m) = f e^(z - b.m), (z - a.m) = (z - b.m) + d.
-  const acc_t d = b.m - a.m;
-  const acc_t f = fast_exp(d);
-  return {a.m, a.s + f * b.s, a.t + f * (b.t + d * b.s)};
-}
-
-// Adds n logits to a lane's statistics. Shifted logits are clamped at -87 (float) / -700
-// (double): exp there is negligible beside the max term's 1, and -inf logits stay finite.
-template <typename acc_t, int n>
-__device__ __forceinline__ void accumulate(SoftmaxStats<acc_t>& st, bool& bad, const acc_t (&z)[n]) {
-  constexpr acc_t kLo = sizeof(acc_t) == 4 ? acc_t(-87) : acc_t(-700);
-  acc_t chunk_max = st.m;
-#pragma unroll
-  for (int i = 0; i < n; ++i) {
-    chunk_max = z[i] > chunk_max ? z[i] : chunk_max;
-    bad |= !(z[i] < std::numeric_limits<acc_t>::infinity());  // NaN or +inf: the entropy is NaN
-  }
-  if (chunk_max == -std::numeric_limits<acc_t>::infinity()) return;
-  if (chunk_max > st.m && st.s > acc_t(0)) {
-    const acc_t d = st.m - chunk_max;
-    const acc_t f = fast_exp(d);
-    st.t = f * (st.t + d * st.s);
-    st.s *= f;
-  }
-  st.m = chunk_max;
-#pragma unroll
-  for (int i = 0; i < n; ++i) {
-    acc_t d = z[i] - st.m;
-    d = d < kLo ? kLo : d;
-    const acc_t e = fast_exp(d);
-    st.s += e;
-    st.t += e * d;
-  }
-}
+template <>
+struct EntropyMath<double> {
+  static constexpr double kScale = 1.0;
+  static constexpr double kLow = -746.0;  // exp underflows to 0
+  __device__ static double exp(double x) { return ::exp(x); }
+  __device__ static double max(double a, double b) { return a != a || b != b ? a + b : (a > b ? a : b); }
+  __device__ static double fma(double a, double b, double c) { return __fma_rn(a, b, c); }
+  __device__ static double add(double a, double b) { return __dadd_rn(a, b); }
+  __device__ static double mul(double a, double b) { return __dmul_rn(a, b); }
+  __device__ static double entropy(double s, double t) { return log(s) - t / s; }
+};
 
 template <typename T, int N>
 struct alignas(sizeof(T) * N) Vec {
@@ -95,10 +84,9 @@ struct alignas(sizeof(T) * N) Vec {
 };
 
 // The elements of a vector widened to acc_t. bf16 widens by placing its bits in a float's top half
-// (exact), done on the packed 32-bit words: with c10's per-element conversion the bf16 kernel
-// needs 64 registers, with this 48 (ptxas, sm_90).
+// (exact), done on the packed 32-bit words (fewer registers than c10's per-element conversion).
 template <typename acc_t, typename T, int N>
-__device__ __forceinline__ void widen(acc_t (&x)[N], const Vec<T, N>& raw) {
+__device__ __forceinline__ void widen(acc_t* x, const Vec<T, N>& raw) {
   if constexpr (std::is_same_v<T, c10::BFloat16>) {
     const auto* words = reinterpret_cast<const uint32_t*>(raw.v);
 #pragma unroll
@@ -112,76 +100,111 @@ __device__ __forceinline__ void widen(acc_t (&x)[N], const Vec<T, N>& raw) {
   }
 }
 
-constexpr int kEntropyThreads = 256;
 constexpr int kEntropyUnroll = 4;  // 16-byte loads a lane has in flight at once
 
-// kLanes lanes per row: 8 for short rows (V = 260 bf16 is 32.5 loads of 16 bytes, 4 per lane, all
-// issued before the first is used), a warp for long ones. A row starts at any element offset, so
-// its first elements up to a 16-byte boundary (head) and its last ones (tail) are read one at a
-// time; their loads go out before the first vector's, so a short row costs one memory round trip.
-// Groups past the last row read nothing but still take part in the shuffles.
+// The entropy of the row of V logits at z, by kLanes lanes (an aligned group of a warp; every lane
+// of the warp must call, `valid` false for groups without a row); every lane of the group gets it.
+// 8 lanes take a short row (V = 260 bf16 is 32.5 loads of 16 bytes: 4 per lane), a warp a long one.
+// A row starts at any element offset, so its first elements up to a 16-byte boundary (head) and
+// its last ones (tail) are read one at a time. A lane's first kEntropyUnroll vectors and its single
+// elements are loaded at once and kept in registers for both passes (max, then sums), so a short
+// row costs one memory round trip; the vectors past them are read once per pass.
 template <typename scalar_t, int kLanes>
-__global__ void __launch_bounds__(kEntropyThreads)
-    entropy_kernel(const scalar_t* __restrict__ logits, opmath_t<scalar_t>* __restrict__ out, int64_t rows,
-                   int64_t V) {
+__device__ __forceinline__ opmath_t<scalar_t> row_entropy(const scalar_t* z, int64_t V, int lane, bool valid) {
   using acc_t = opmath_t<scalar_t>;
+  using Math = EntropyMath<acc_t>;
   constexpr int kVec = 16 / sizeof(scalar_t);
-  constexpr int kRowsPerBlock = kEntropyThreads / kLanes;
-  const int lane = threadIdx.x % kLanes;
-  const int64_t row = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + threadIdx.x / kLanes;
-  const bool valid = row < rows;
-  const scalar_t* z = logits + (valid ? row : 0) * V;
+  // head < kVec and V - tail < kVec: at most 2 * (kVec - 1) single elements.
+  constexpr int kSinglesPerLane = (2 * (kVec - 1) + kLanes - 1) / kLanes;
+  constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
   const int64_t misalignment = (reinterpret_cast<uintptr_t>(z) % 16) / sizeof(scalar_t);
   const int64_t head = valid ? std::min<int64_t>(V, misalignment == 0 ? 0 : kVec - misalignment) : 0;
   const int64_t vectors = valid ? (V - head) / kVec : 0;
   const int64_t tail = head + vectors * kVec;
   const int64_t singles = valid ? head + (V - tail) : 0;
+  const auto* body = reinterpret_cast<const Vec<scalar_t, kVec>*>(z + head);
 
-  // head < kVec and V - tail < kVec: at most 2 * (kVec - 1) single elements.
-  constexpr int kSinglesPerLane = (2 * (kVec - 1) + kLanes - 1) / kLanes;
+  // Absent single elements are -inf: they shift to kLow and add nothing.
   acc_t single[kSinglesPerLane];
 #pragma unroll
   for (int j = 0; j < kSinglesPerLane; ++j) {
     const int64_t k = lane + j * kLanes;
-    single[j] = k < singles ? static_cast<acc_t>(z[k < head ? k : tail + (k - head)]) : acc_t(0);
+    single[j] = k < singles ? static_cast<acc_t>(z[k < head ? k : tail + (k - head)]) : kNegInf;
   }
-  SoftmaxStats<acc_t> st{-std::numeric_limits<acc_t>::infinity(), acc_t(0), acc_t(0)};
-  bool bad = false;
-  const auto* body = reinterpret_cast<const Vec<scalar_t, kVec>*>(z + head);
-  for (int64_t i = lane; i < vectors; i += kLanes * kEntropyUnroll) {
-    Vec<scalar_t, kVec> raw[kEntropyUnroll];
+  // Held packed (fewer registers) and widened in each pass.
+  Vec<scalar_t, kVec> held[kEntropyUnroll];
+#pragma unroll
+  for (int u = 0; u < kEntropyUnroll; ++u) {
+    if (lane + u * kLanes < vectors) held[u] = body[lane + u * kLanes];
+  }
+  // f on every element of the row this lane reads: held ones, then the vectors past them.
+  const auto for_each_element = [&](auto&& f) {
+#pragma unroll
+    for (int j = 0; j < kSinglesPerLane; ++j) f(single[j]);
 #pragma unroll
     for (int u = 0; u < kEntropyUnroll; ++u) {
-      if (i + u * kLanes < vectors) raw[u] = body[i + u * kLanes];
-    }
-#pragma unroll
-    for (int u = 0; u < kEntropyUnroll; ++u) {
-      if (i + u * kLanes < vectors) {
+      if (lane + u * kLanes < vectors) {
         acc_t x[kVec];
-        widen(x, raw[u]);
-        accumulate(st, bad, x);
+        widen(x, held[u]);
+#pragma unroll
+        for (int j = 0; j < kVec; ++j) f(x[j]);
       }
     }
-  }
+    for (int64_t i = lane + static_cast<int64_t>(kLanes) * kEntropyUnroll; i < vectors; i += kLanes) {
+      acc_t x[kVec];
+      widen(x, body[i]);
 #pragma unroll
-  for (int j = 0; j < kSinglesPerLane; ++j) {
-    if (lane + j * kLanes < singles) {
-      const acc_t x[1] = {single[j]};
-      accumulate(st, bad, x);
+      for (int j = 0; j < kVec; ++j) f(x[j]);
     }
-  }
+  };
+
+  acc_t m = kNegInf;
+  for_each_element([&](acc_t x) { m = Math::max(m, x); });
   // xor offsets below kLanes stay within the row's aligned group of lanes.
 #pragma unroll
+  for (int offset = kLanes / 2; offset > 0; offset /= 2) m = Math::max(m, __shfl_xor_sync(kFullMask, m, offset));
+
+  // A +inf max makes the +inf logit's term NaN, an all -inf row every term: both entropies NaN.
+  const acc_t shift = -Math::mul(m, Math::kScale);
+  acc_t s = 0, t = 0;
+  const auto add_term = [&](acc_t x) {
+    const acc_t d = Math::max(Math::fma(x, Math::kScale, shift), Math::kLow);
+    const acc_t e = Math::exp(d);
+    s = Math::add(s, e);
+    t = Math::fma(e, d, t);
+  };
+  for_each_element(add_term);
+#pragma unroll
   for (int offset = kLanes / 2; offset > 0; offset /= 2) {
-    const SoftmaxStats<acc_t> other{__shfl_xor_sync(kFullMask, st.m, offset),
-                                    __shfl_xor_sync(kFullMask, st.s, offset),
-                                    __shfl_xor_sync(kFullMask, st.t, offset)};
-    st = merge(st, other);
-    bad |= __shfl_xor_sync(kFullMask, static_cast<int>(bad), offset) != 0;
+    s = Math::add(s, __shfl_xor_sync(kFullMask, s, offset));
+    t = Math::add(t, __shfl_xor_sync(kFullMask, t, offset));
   }
-  if (valid && lane == 0) {
-    out[row] = bad ? std::numeric_limits<acc_t>::quiet_NaN() : log(st.s) - st.t / st.s;
-  }
+  return Math::entropy(s, t);
+}
+
+// Rows of up to 64 16-byte vectors (V = 512 bf16) take 8 lanes, longer ones a warp.
+bool short_rows(int64_t V, int64_t element_size) { return V * element_size <= 1024; }
+
+constexpr int kEntropyThreads = 256;
+
+// Blocks of 256 threads per SM the register budget is set for: the 16- and 32-bit kernels fit in
+// 48 registers (5 blocks) without spilling; fp64's exp needs more.
+template <typename scalar_t>
+constexpr int entropy_min_blocks() {
+  return sizeof(scalar_t) == 8 ? 3 : 5;
+}
+
+// Groups past the last row read nothing but still take part in the shuffles.
+template <typename scalar_t, int kLanes>
+__global__ void __launch_bounds__(kEntropyThreads, entropy_min_blocks<scalar_t>())
+    entropy_kernel(const scalar_t* __restrict__ logits, opmath_t<scalar_t>* __restrict__ out, int64_t rows,
+                   int64_t V) {
+  constexpr int kRowsPerBlock = kEntropyThreads / kLanes;
+  const int lane = threadIdx.x % kLanes;
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + threadIdx.x / kLanes;
+  const bool valid = row < rows;
+  const auto h = row_entropy<scalar_t, kLanes>(logits + (valid ? row : 0) * V, V, lane, valid);
+  if (valid && lane == 0) out[row] = h;
 }
 
 // ---- start masks ----
@@ -216,38 +239,71 @@ __global__ void space_patch_starts_kernel(const int64_t* __restrict__ tokens, bo
 
 // ---- patch layout ----
 //
-// Two launches over tiles of kLayoutTile positions, so that a row's tiles run on many SMs: the
-// first summarizes every tile (first and last natural start, starts from its first natural start
-// on), the second has each tile reduce the summaries before it (a max-scan for the last natural
-// start before every tile, then a sum of their start counts) and write its ids and lengths.
+// One launch. Each block takes the next tile of kLayoutTile positions of a row (an atomic ticket,
+// so every earlier tile of the row has started and none waits on a later one), finds the tile's
+// natural starts, publishes the tile's summary and combines the summaries of the tiles before it
+// (decoupled look-back: one warp reads 32 tiles' records at a time and stops at the nearest tile
+// that has published its inclusive prefix), then writes the tile's patch ids and lengths.
 
 constexpr int kLayoutThreads = 256;
-constexpr int kLayoutItems = 4;  // consecutive positions per thread
-constexpr int kLayoutTile = kLayoutThreads * kLayoutItems;
+// Position p's start rule reads H[p-1] and H[p-2]; a tile's end test reads position tile_end too.
+constexpr int kHalo = 2;
+// Entropy rows a block computes: its tile and the halo before it.
+constexpr int kTileRows = 128;
+constexpr int kLayoutTile = kTileRows - kHalo;  // positions per tile, one per thread
+// Every group of lanes runs the same number of rows (whole warps meet in the shuffles).
+static_assert(kLayoutTile <= kLayoutThreads && kTileRows % (kLayoutThreads / 8) == 0);
 
-// The layout kernels read a row's natural starts at positions 1 <= p < L through a source:
-// a start mask, or the start rule applied to entropies (entropy_patch, no mask materialized).
+// The layout kernel reads a row's natural starts at positions 1 <= p < L through a source: a start
+// mask, or the start rule applied to entropies that the block computes from the logits
+// (entropy_patch: neither the entropies nor a start mask reach memory). `load` prepares a tile.
 
 // starts [B, T + 1] bool.
 struct MaskStarts {
+  static constexpr int kMinBlocks = 4;
+  struct Storage {};
   const bool* starts;
   int T;
-  __device__ __forceinline__ bool operator()(int b, int p) const {
+  __device__ void load(Storage&, int, int) {}
+  __device__ bool operator()(const Storage&, int b, int p) const {
     return starts[static_cast<int64_t>(b) * (T + 1) + p];
   }
 };
 
-// entropies [B, T], as entropy_patch_starts_kernel decides them: p = 1 always starts, p >= 2
-// reads H[p-1] and H[p-2] (p < L <= T + 1 keeps both in the row).
-template <typename scalar_t>
-struct EntropyStarts {
-  const scalar_t* entropies;
+// logits [B, T, V]; positions decided as entropy_patch_starts_kernel decides them from the
+// entropies: p = 1 always starts, p >= 2 reads H[p-1] and H[p-2].
+template <typename scalar_t, int kLanes>
+struct LogitsStarts {
+  using acc_t = opmath_t<scalar_t>;
+  // 64 registers: 4 blocks per SM, no spills below fp64.
+  static constexpr int kMinBlocks = entropy_min_blocks<scalar_t>() - 1;
+  struct Storage {
+    acc_t entropies[kTileRows];  // H[tile_begin - kHalo + i]
+    int tile_begin;
+  };
+  const scalar_t* logits;
+  int64_t V;
   int T;
   StartMode mode;
-  scalar_t threshold, threshold_add;
-  __device__ __forceinline__ bool operator()(int b, int p) const {
-    const scalar_t* h = entropies + static_cast<int64_t>(b) * T;
-    return p < 2 || entropy_starts_at(mode, p, h[p - 1], h[p - 2], threshold, threshold_add);
+  acc_t threshold, threshold_add;
+
+  // Rows outside [0, T) are not read: no position asks for them.
+  __device__ void load(Storage& storage, int b, int tile_begin) {
+    constexpr int kGroups = kLayoutThreads / kLanes;
+    const int lane = threadIdx.x % kLanes;
+    for (int r = threadIdx.x / kLanes; r < kTileRows; r += kGroups) {
+      const int q = tile_begin - kHalo + r;
+      const bool valid = q >= 0 && q < T;
+      const int64_t row = static_cast<int64_t>(b) * T + (valid ? q : 0);
+      const acc_t h = row_entropy<scalar_t, kLanes>(logits + row * V, V, lane, valid);
+      if (lane == 0) storage.entropies[r] = h;
+    }
+    if (threadIdx.x == 0) storage.tile_begin = tile_begin;
+    __syncthreads();
+  }
+  __device__ bool operator()(const Storage& storage, int, int p) const {
+    const acc_t* h = storage.entropies + (p - storage.tile_begin + kHalo);
+    return p < 2 || entropy_starts_at(mode, p, h[-1], h[-2], threshold, threshold_add);
   }
 };
 
@@ -303,126 +359,139 @@ __device__ __forceinline__ int split_points(int s, int lo, int hi, int m) {
   return kSplit && hi > lo ? (hi - 1 - s) / m - (lo - 1 - s) / m : 0;
 }
 
-// What the second launch needs of a tile: its first natural start (the tile's end if none), its
-// last (-1 if none) and how many patches start from its first natural start to its end.
-struct alignas(16) TileSummary {
-  int first, last, count, unused;
+// A range of positions [begin, end) as the scan sees it: its first natural start (end if none),
+// its last (-1 if none) and how many patches start in it from its first natural start on.
+struct Summary {
+  int begin, first, last, count;
 };
 
-// The natural starts among a thread's positions of a tile (position 0 always is one) and the
-// last natural start of the tile up to the thread's positions (-1 if none).
-template <typename Source>
-__device__ __forceinline__ int tile_naturals(const Source& source, int b, int tile_begin, int L,
-                                             bool (&natural)[kLayoutItems], int* shared, int& tile_last) {
-  const int base = tile_begin + threadIdx.x * kLayoutItems;
-  int my_last = -1;
-#pragma unroll
-  for (int i = 0; i < kLayoutItems; ++i) {
-    const int p = base + i;
-    natural[i] = p < L && (p == 0 || source(b, p));
-    my_last = natural[i] ? p : my_last;
-  }
-  return block_exclusive_scan(my_last, -1, Max{}, shared, tile_last);
+// The summary of a range followed by the adjacent range b: b's positions before its first natural
+// start continue a's last patch (and its splits).
+template <bool kSplit>
+__device__ __forceinline__ Summary combine(const Summary& a, const Summary& b, int m) {
+  const bool a_has = a.last >= 0;
+  return {a.begin, a_has ? a.first : b.first, b.last >= 0 ? b.last : a.last,
+          a.count + (a_has ? split_points<kSplit>(a.last, b.begin, b.first, m) : 0) + b.count};
 }
 
-template <bool kSplit, typename Source>
-__global__ void __launch_bounds__(kLayoutThreads)
-    tile_summary_kernel(Source source, TileSummary* __restrict__ summaries, int L, int m, int tiles) {
-  __shared__ int shared[32];
-  const int b = blockIdx.x / tiles, tile = blockIdx.x % tiles;
-  const int tile_begin = tile * kLayoutTile, tile_end = min(tile_begin + kLayoutTile, L);
-  bool natural[kLayoutItems];
-  int tile_last;
-  int s = tile_naturals(source, b, tile_begin, L, natural, shared, tile_last);
-  const int base = tile_begin + threadIdx.x * kLayoutItems;
-  int my_first = tile_end, my_count = 0;
-#pragma unroll
-  for (int i = 0; i < kLayoutItems; ++i) {
-    const int p = base + i;
-    my_first = natural[i] ? min(my_first, p) : my_first;
-    s = natural[i] ? p : s;
-    my_count += p < L && s >= 0 && on_split_grid<kSplit>(p - s, m);
+// A tile's record in the workspace: the tile's own summary (flag kAggregate), then the summary of
+// its row up to the tile's end (flag kInclusive; begin and first are 0 there).
+constexpr int kRecordInts = 8;
+enum RecordField { kFirst, kLast, kCount, kPrefixLast, kPrefixCount, kFlag };
+constexpr int kAggregate = 1, kInclusive = 2;
+
+// Written by one thread: the values, a fence, then the flag that makes them readable.
+__device__ __forceinline__ void publish(int* record, const Summary& summary, int flag) {
+  if (flag == kAggregate) {
+    record[kFirst] = summary.first;
+    record[kLast] = summary.last;
+    record[kCount] = summary.count;
+  } else {
+    record[kPrefixLast] = summary.last;
+    record[kPrefixCount] = summary.count;
   }
-  int neg_first, count;
-  block_exclusive_scan(-my_first, -tile_end, Max{}, shared, neg_first);
-  block_exclusive_scan(my_count, 0, Sum{}, shared, count);
-  if (threadIdx.x == 0) summaries[blockIdx.x] = {-neg_first, tile_last, count, 0};
+  __threadfence();
+  *reinterpret_cast<volatile int*>(record + kFlag) = flag;
 }
 
-template <bool kSplit, typename Source>
-__global__ void __launch_bounds__(kLayoutThreads)
-    patch_layout_kernel(Source source, const TileSummary* __restrict__ summaries,
-                        int64_t* __restrict__ patch_ids, int64_t* __restrict__ patch_lengths,
-                        int64_t* __restrict__ patch_counts, int T, int L, int m, int tiles) {
-  __shared__ int shared[32];
-  __shared__ int before[2];
-  const int b = blockIdx.x / tiles, tile = blockIdx.x % tiles;
-  const TileSummary* row_summaries = summaries + static_cast<int64_t>(b) * tiles;
-
-  // Scan the row's tile summaries in rounds of one per thread; this tile keeps its exclusive
-  // prefix (last natural start and patches started before it), every tile the row's total.
-  int last_carry = -1, count_carry = 0;
-  for (int round = 0; round < tiles; round += kLayoutThreads) {
-    const int j = round + threadIdx.x;
-    const TileSummary t = j < tiles ? row_summaries[j] : TileSummary{0, -1, 0, 0};
-    int round_last, round_count;
-    const int last = max(last_carry, block_exclusive_scan(t.last, -1, Max{}, shared, round_last));
-    // Tile j's patches: split points before its first natural start, then its own count.
-    const int count = t.count + split_points<kSplit>(last, j * kLayoutTile, t.first, m);
-    const int count_before = count_carry + block_exclusive_scan(j < tiles ? count : 0, 0, Sum{}, shared, round_count);
-    if (j == tile) {
-      before[0] = last;
-      before[1] = count_before;
+// Warp 0 of the tile's block: the summary of positions [0, tile_begin) from the records of the
+// row's earlier tiles (tile 0 publishes its inclusive summary without looking back).
+template <bool kSplit>
+__device__ Summary look_back(const int* row_records, int tile, int m) {
+  const int lane = threadIdx.x % 32;
+  Summary suffix{0, 0, -1, 0};
+  bool have_suffix = false;
+  for (int window_end = tile;; window_end -= 32) {
+    const int i = window_end - 32 + lane;  // lane 31: the nearest earlier tile
+    const volatile int* record = row_records + static_cast<int64_t>(max(i, 0)) * kRecordInts;
+    // Lanes before tile 0 count as inclusive: tile 0 always is, so they are never combined.
+    int flag;
+    do {
+      flag = i >= 0 ? record[kFlag] : kInclusive;
+    } while (!__all_sync(kFullMask, flag != 0));
+    __threadfence();
+    Summary mine = flag == kInclusive ? Summary{0, 0, record[kPrefixLast], record[kPrefixCount]}
+                                      : Summary{i * kLayoutTile, record[kFirst], record[kLast], record[kCount]};
+    const unsigned inclusive = __ballot_sync(kFullMask, flag == kInclusive);
+    const int lowest = inclusive ? 31 - __clz(inclusive) : 0;
+    // Suffix scan in tile order: lane l ends with the summary of lanes l..31.
+#pragma unroll
+    for (int offset = 1; offset < 32; offset *= 2) {
+      const Summary later{__shfl_down_sync(kFullMask, mine.begin, offset), __shfl_down_sync(kFullMask, mine.first, offset),
+                          __shfl_down_sync(kFullMask, mine.last, offset), __shfl_down_sync(kFullMask, mine.count, offset)};
+      if (lane + offset < 32) mine = combine<kSplit>(mine, later, m);
     }
-    last_carry = max(last_carry, round_last);
-    count_carry += round_count;
+    const Summary window{__shfl_sync(kFullMask, mine.begin, lowest), __shfl_sync(kFullMask, mine.first, lowest),
+                         __shfl_sync(kFullMask, mine.last, lowest), __shfl_sync(kFullMask, mine.count, lowest)};
+    suffix = have_suffix ? combine<kSplit>(window, suffix, m) : window;
+    have_suffix = true;
+    if (inclusive) return suffix;
+  }
+}
+
+// workspace: a ticket counter, then one record per tile, zeroed before the launch; patch_lengths
+// arrive zeroed too (the padding past a row's last patch).
+template <bool kSplit, typename Source>
+__global__ void __launch_bounds__(kLayoutThreads, Source::kMinBlocks)
+    patch_layout_kernel(Source source, int* __restrict__ workspace, int64_t* __restrict__ patch_ids,
+                        int64_t* __restrict__ patch_lengths, int64_t* __restrict__ patch_counts, int T, int L, int m,
+                        int tiles) {
+  __shared__ typename Source::Storage storage;
+  __shared__ int shared[32];
+  __shared__ int ticket;
+  __shared__ Summary prefix;
+  if (threadIdx.x == 0) ticket = atomicAdd(workspace, 1);
+  __syncthreads();
+  const int b = ticket / tiles, tile = ticket % tiles;
+  const int tile_begin = tile * kLayoutTile, tile_end = min(tile_begin + kLayoutTile, L);
+  source.load(storage, b, tile_begin);
+
+  // This thread's position: whether it is a natural start, the tile's last natural start up to
+  // it, and whether it starts a patch counted from the tile's first natural start on.
+  const int p = tile_begin + threadIdx.x;
+  const bool inside = p < tile_end;
+  const bool natural = inside && (p == 0 || source(storage, b, p));
+  int tile_last;
+  const int last_before = block_exclusive_scan(natural ? p : -1, -1, Max{}, shared, tile_last);
+  const int tile_natural = natural ? p : last_before;
+  int neg_first;
+  block_exclusive_scan(natural ? -p : -tile_end, -tile_end, Max{}, shared, neg_first);
+  const int first = -neg_first;
+  const bool counted = inside && tile_natural >= 0 && on_split_grid<kSplit>(p - tile_natural, m);
+  int tile_count;
+  const int counted_before = block_exclusive_scan(counted, 0, Sum{}, shared, tile_count);
+
+  int* row_records = workspace + kRecordInts + static_cast<int64_t>(b) * tiles * kRecordInts;
+  int* record = row_records + static_cast<int64_t>(tile) * kRecordInts;
+  const Summary aggregate{tile_begin, first, tile_last, tile_count};
+  if (threadIdx.x < 32) {
+    Summary before{0, 0, -1, 0};
+    if (tile > 0) {
+      if (threadIdx.x == 0) publish(record, aggregate, kAggregate);
+      before = look_back<kSplit>(row_records, tile, m);
+    }
+    if (threadIdx.x == 0) {
+      const Summary through = combine<kSplit>(before, aggregate, m);
+      publish(record, through, kInclusive);
+      if (tile + 1 == tiles) patch_counts[b] = through.count;
+      prefix = before;
+    }
   }
   __syncthreads();
-  const int natural_before = max(before[0], 0), count_before = before[1], total = count_carry;
+  if (!inside) return;
 
-  int64_t* ids = patch_ids + static_cast<int64_t>(b) * T;
-  int64_t* lengths = patch_lengths + static_cast<int64_t>(b) * (T + 1);
-  const int tile_begin = tile * kLayoutTile;
-  bool natural[kLayoutItems];
-  int tile_last;
-  const int last_natural = max(natural_before, tile_naturals(source, b, tile_begin, L, natural, shared, tile_last));
-
-  const int base = tile_begin + threadIdx.x * kLayoutItems;
-  bool start[kLayoutItems];
-  int my_count = 0;
-  int s = last_natural;
-#pragma unroll
-  for (int i = 0; i < kLayoutItems; ++i) {
-    const int p = base + i;
-    s = natural[i] ? p : s;
-    start[i] = p < L && on_split_grid<kSplit>(p - s, m);
-    my_count += start[i];
+  // k: the patches started at or before p (so p lies in patch k - 1).
+  const int s = max(prefix.last, tile_natural);  // the last natural start at or before p
+  const int k = prefix.count + split_points<kSplit>(prefix.last, tile_begin, min(p + 1, first), m) +
+                (p >= first ? counted_before + counted : 0);
+  if (p < T) patch_ids[static_cast<int64_t>(b) * T + p] = k - 1;
+  if (p + 1 == L || source(storage, b, p + 1) || on_split_grid<kSplit>(p + 1 - s, m)) {  // p ends a patch
+    const int begin = kSplit ? s + (p - s) / m * m : s;
+    patch_lengths[static_cast<int64_t>(b) * (T + 1) + k - 1] = p - begin + 1;
   }
-  int tile_count;
-  int k = count_before + block_exclusive_scan(my_count, 0, Sum{}, shared, tile_count);
-
-  s = last_natural;
-#pragma unroll
-  for (int i = 0; i < kLayoutItems; ++i) {
-    const int p = base + i;
-    if (p < L) {
-      s = natural[i] ? p : s;
-      k += start[i];
-      if (p < T) ids[p] = k - 1;
-      if (p + 1 == L || source(b, p + 1) || on_split_grid<kSplit>(p + 1 - s, m)) {  // p ends a patch
-        const int begin = kSplit ? s + (p - s) / m * m : s;
-        lengths[k - 1] = p - begin + 1;
-      }
-    }
-  }
-  // Lengths past the row's last patch are 0; each tile pads its own index range, the last tile
-  // up to T.
-  const int pad_end = tile + 1 == tiles ? T + 1 : tile_begin + kLayoutTile;
-  for (int j = max(total, tile_begin) + threadIdx.x; j < pad_end; j += kLayoutThreads) lengths[j] = 0;
-  if (tile == 0 && threadIdx.x == 0) patch_counts[b] = total;
 }
 
-// Sizes the int32 tile arithmetic of the layout kernels can address.
+// Sizes the int32 tile arithmetic of the layout kernel can address.
 void check_layout_size(const char* op, const char* what, int64_t B, int64_t T) {
   TORCH_CHECK_VALUE(T < INT32_MAX - kLayoutTile, "blt_ext.", op, ": ", what, " must be < 2^31 - ",
                     std::to_string(kLayoutTile + 1), " on CUDA, got ", std::to_string(T));
@@ -430,42 +499,47 @@ void check_layout_size(const char* op, const char* what, int64_t B, int64_t T) {
                     std::to_string(B));
 }
 
-struct LayoutOutputs {
+// The layout of B rows of T bytes and its launch. patch_lengths shares one zeroed allocation with
+// the kernel's workspace (one memset for both); it is a view of the allocation's first B (T + 1)
+// elements.
+struct Layout {
+  int64_t B, T, L, tiles;
   at::Tensor patch_ids, patch_lengths, patch_counts;
-  LayoutOutputs(int64_t B, int64_t T, const at::TensorOptions& options)
-      : patch_ids(at::empty({B, T}, options.dtype(at::kLong))),
-        patch_lengths(at::empty({B, T + 1}, options.dtype(at::kLong))),
-        patch_counts(at::empty({B}, options.dtype(at::kLong))) {}
-  std::tuple<at::Tensor, at::Tensor, at::Tensor> tuple() const { return {patch_ids, patch_lengths, patch_counts}; }
-};
+  int* workspace = nullptr;
 
-// The two layout launches over B rows of T bytes (B >= 1), natural starts read from `source`.
-template <typename Source>
-void launch_layout(const Source& source, LayoutOutputs& out, int64_t B, int64_t T, bool include_next_token,
-                   std::optional<int64_t> max_patch_length) {
-  const int64_t L = T + include_next_token;
-  // A patch is at most L long, so any m >= L splits nothing.
-  const bool split = max_patch_length.has_value() && *max_patch_length < L;
-  const int m = split ? static_cast<int>(*max_patch_length) : 1;
-  // An empty sequence still gets one tile: it writes the counts and pads the lengths.
-  const int64_t tiles = std::max<int64_t>(1, (L + kLayoutTile - 1) / kLayoutTile);
-  TORCH_CHECK(B * tiles <= INT32_MAX, "blt_ext: too many positions for one launch: ", std::to_string(B * (T + 1)));
-  at::Tensor summaries = at::empty({B, tiles, static_cast<int64_t>(sizeof(TileSummary) / sizeof(int))},
-                                   out.patch_counts.options().dtype(at::kInt));
-  const auto blocks = static_cast<unsigned>(B * tiles);
-  const auto stream = c10::cuda::getCurrentCUDAStream();
-  auto* tile_summaries = reinterpret_cast<TileSummary*>(summaries.mutable_data_ptr<int>());
-  const auto summarize = split ? tile_summary_kernel<true, Source> : tile_summary_kernel<false, Source>;
-  summarize<<<blocks, kLayoutThreads, 0, stream>>>(source, tile_summaries, static_cast<int>(L), m,
-                                                   static_cast<int>(tiles));
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  const auto layout = split ? patch_layout_kernel<true, Source> : patch_layout_kernel<false, Source>;
-  layout<<<blocks, kLayoutThreads, 0, stream>>>(
-      source, tile_summaries, out.patch_ids.mutable_data_ptr<int64_t>(), out.patch_lengths.mutable_data_ptr<int64_t>(),
-      out.patch_counts.mutable_data_ptr<int64_t>(), static_cast<int>(T), static_cast<int>(L), m,
-      static_cast<int>(tiles));
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
+  Layout(int64_t B, int64_t T, bool include_next_token, const at::TensorOptions& options)
+      : B(B), T(T), L(T + include_next_token),
+        // An empty sequence still gets one tile: it writes the counts.
+        tiles(std::max<int64_t>(1, (L + kLayoutTile - 1) / kLayoutTile)),
+        patch_ids(at::empty({B, T}, options.dtype(at::kLong))),
+        patch_counts(at::empty({B}, options.dtype(at::kLong))) {
+    TORCH_CHECK(B * tiles <= INT32_MAX, "blt_ext: too many positions for one launch: ", std::to_string(B * (T + 1)));
+    const int64_t lengths = B * (T + 1);
+    const int64_t workspace_ints = kRecordInts * (1 + B * tiles);
+    at::Tensor buffer = at::empty({lengths + (workspace_ints + 1) / 2}, options.dtype(at::kLong));
+    patch_lengths = buffer.narrow(0, 0, lengths).view({B, T + 1});
+    if (B == 0) return;
+    C10_CUDA_CHECK(cudaMemsetAsync(buffer.mutable_data_ptr<int64_t>(), 0, buffer.nbytes(),
+                                   c10::cuda::getCurrentCUDAStream()));
+    workspace = reinterpret_cast<int*>(buffer.mutable_data_ptr<int64_t>() + lengths);
+  }
+
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> tuple() const { return {patch_ids, patch_lengths, patch_counts}; }
+
+  // Natural starts read from `source` (B >= 1).
+  template <typename Source>
+  void launch(const Source& source, std::optional<int64_t> max_patch_length) {
+    // A patch is at most L long, so any m >= L splits nothing.
+    const bool split = max_patch_length.has_value() && *max_patch_length < L;
+    const int m = split ? static_cast<int>(*max_patch_length) : 1;
+    const auto kernel = split ? patch_layout_kernel<true, Source> : patch_layout_kernel<false, Source>;
+    kernel<<<static_cast<unsigned>(B * tiles), kLayoutThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+        source, workspace, patch_ids.mutable_data_ptr<int64_t>(), patch_lengths.mutable_data_ptr<int64_t>(),
+        patch_counts.mutable_data_ptr<int64_t>(), static_cast<int>(T), static_cast<int>(L), m,
+        static_cast<int>(tiles));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+};
 
 }  // namespace
 
@@ -478,14 +552,13 @@ at::Tensor entropy(const at::Tensor& logits) {
   const auto out_dtype = z.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor out = at::empty(z.sizes().slice(0, z.dim() - 1), z.options().dtype(out_dtype));
   if (rows == 0) return out;
-  // Rows of up to 64 16-byte vectors (V = 512 bf16) take 8 lanes, longer ones a warp.
-  const bool short_rows = V * static_cast<int64_t>(z.element_size()) <= 1024;
-  const int64_t rows_per_block = kEntropyThreads / (short_rows ? 8 : 32);
+  const bool short_row = short_rows(V, z.element_size());
+  const int64_t rows_per_block = kEntropyThreads / (short_row ? 8 : 32);
   const int64_t blocks = (rows + rows_per_block - 1) / rows_per_block;
   TORCH_CHECK(blocks <= INT32_MAX, "blt_ext.entropy: too many rows for one launch: ", std::to_string(rows));
   const auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "blt_ext.entropy", [&] {
-    const auto kernel = short_rows ? entropy_kernel<scalar_t, 8> : entropy_kernel<scalar_t, 32>;
+    const auto kernel = short_row ? entropy_kernel<scalar_t, 8> : entropy_kernel<scalar_t, 32>;
     kernel<<<static_cast<unsigned>(blocks), kEntropyThreads, 0, stream>>>(
         z.const_data_ptr<scalar_t>(), out.mutable_data_ptr<opmath_t<scalar_t>>(), rows, V);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -535,11 +608,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> patch_layout(const at::Tensor& st
   const at::Tensor s = starts.contiguous();
   const int64_t B = s.size(0), T = s.size(1) - 1;
   check_layout_size("patch_layout", "starts.size(1) - 1 (sequence length T)", B, T);
-  LayoutOutputs out(B, T, s.options());
-  if (B == 0) return out.tuple();
-  launch_layout(MaskStarts{s.const_data_ptr<bool>(), static_cast<int>(T)}, out, B, T, include_next_token,
-                max_patch_length);
-  return out.tuple();
+  Layout layout(B, T, include_next_token, s.options());
+  if (B > 0) layout.launch(MaskStarts{s.const_data_ptr<bool>(), static_cast<int>(T)}, max_patch_length);
+  return layout.tuple();
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> entropy_patch(const at::Tensor& logits, double threshold,
@@ -548,21 +619,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> entropy_patch(const at::Tensor& l
                                                              std::optional<int64_t> max_patch_length) {
   check_entropy_patch_args(logits, threshold, threshold_add, max_patch_length);
   const c10::cuda::CUDAGuard guard(logits.device());
-  const int64_t B = logits.size(0), T = logits.size(1);
+  const at::Tensor z = logits.contiguous();
+  const int64_t B = z.size(0), T = z.size(1), V = z.size(2);
   check_layout_size("entropy_patch", "logits.size(1) (sequence length T)", B, T);
-  LayoutOutputs out(B, T, logits.options());
-  if (B == 0) return out.tuple();
-  // The entropies stay in the op: the layout launches apply the start rule to them directly.
-  const at::Tensor entropies = entropy(logits);
+  Layout layout(B, T, include_next_token, z.options());
+  if (B == 0) return layout.tuple();
   const StartMode mode = start_mode(threshold_add, monotonicity);
-  AT_DISPATCH_FLOATING_TYPES(entropies.scalar_type(), "blt_ext.entropy_patch", [&] {
-    // Rounded to the entropies' dtype, as entropy_patch_starts rounds them.
-    const EntropyStarts<scalar_t> source{entropies.const_data_ptr<scalar_t>(), static_cast<int>(T), mode,
-                                         static_cast<scalar_t>(threshold),
-                                         static_cast<scalar_t>(threshold_add.value_or(0.0))};
-    launch_layout(source, out, B, T, include_next_token, max_patch_length);
+  const bool short_row = short_rows(V, z.element_size());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "blt_ext.entropy_patch", [&] {
+    using acc_t = opmath_t<scalar_t>;
+    // Thresholds rounded to the entropies' dtype, as entropy_patch_starts rounds them.
+    const auto launch = [&](auto lanes) {
+      const LogitsStarts<scalar_t, decltype(lanes)::value> source{
+          z.const_data_ptr<scalar_t>(), V, static_cast<int>(T), mode, static_cast<acc_t>(threshold),
+          static_cast<acc_t>(threshold_add.value_or(0.0))};
+      layout.launch(source, max_patch_length);
+    };
+    if (short_row) {
+      launch(std::integral_constant<int, 8>{});
+    } else {
+      launch(std::integral_constant<int, 32>{});
+    }
   });
-  return out.tuple();
+  return layout.tuple();
 }
 
 }  // namespace blt_ext::cuda
