@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # One call on a GPU machine: build with CUDA for sm_90, raise one argument error per op on each
-# device in a subprocess (tools/error_path_check.py), run the README's test command, run
+# device in a subprocess (tools/error_path_check.py), run the GPU tests, run
 # compute-sanitizer (memcheck, racecheck) over small cases of every kernel, run the GPU benchmarks
 # (one op family at a time, so a time limit loses at most one table), and print a short summary last.
 # Usage: benchmarks/gpu_check.sh LOGDIR [benchmark files...]   (LOGDIR receives at most 8 files;
 # default: the four op families)
-# TESTS=0 skips the tests, TESTS="FILES..." runs only those test files (CPU and CUDA cases);
+# TESTS=cuda (default) runs the GPU tests (`pytest -m cuda`: every CUDA case; CI runs the CPU ones),
+# TESTS=all the README's test command (CPU and CUDA), TESTS="FILES..." those files' CPU and CUDA
+# cases, TESTS=0 nothing;
 # SANITIZE=0 skips compute-sanitizer, SANITIZE=memcheck or racecheck runs that tool alone;
 # NCU=1 adds Nsight Compute's view of the cross-attention kernels (LOGDIR/ncu.log);
 # DEMO=1 adds the demo on the GPU (into LOGDIR/demo);
@@ -40,18 +42,20 @@ step env 60 "$PY" -m blt_ext env
 "$PY" -c "import torch; print('torch C++ ABI', int(torch._C._GLIBCXX_USE_CXX11_ABI)); print(torch.__config__.show())" >>"$LOG/build.log" 2>&1
 grep -h -E '^ *(FLAGS|DEFINES) =' build/cmake-*/build.ninja | sort -u >>"$LOG/build.log" 2>&1
 step error-paths 120 "$PY" tools/error_path_check.py
-# The README's test command (every test, CPU and CUDA), on 8 pytest-xdist workers where available:
-# a crashing test then takes down one worker, not the run.
+# The tests on 8 pytest-xdist workers where available: a crashing test then takes down one worker,
+# not the run.
 XDIST=$("$PY" -c "import xdist" 2>/dev/null && echo "-n 8 --dist loadgroup")
 PYTEST_ARGS="-q --tb=short --maxfail=20 -rs -p no:cacheprovider --durations=15 $XDIST"
 # Two intra-op threads per worker: eight workers then share the 16 cores instead of fighting.
 # Expandable segments: the workers' big tensors of many sizes leave less reserved-but-unused memory.
 TEST_ALLOC=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
-TESTS=${TESTS:-1}
+TESTS=${TESTS:-cuda}
 TEST_CMD=()
-if [ "$TESTS" = 1 ] && command -v make >/dev/null; then
+if [ "$TESTS" = cuda ]; then
+  TEST_CMD=("$PY" -m pytest tests -m cuda $PYTEST_ARGS)
+elif [ "$TESTS" = all ] && command -v make >/dev/null; then
   TEST_CMD=(make test PYTEST_ARGS="$PYTEST_ARGS")
-elif [ "$TESTS" = 1 ]; then
+elif [ "$TESTS" = all ]; then
   echo "no make on this machine: running the test command's pytest directly" >>"$LOG/tests.log"
   TEST_CMD=("$PY" -m pytest tests $PYTEST_ARGS)
 elif [ "$TESTS" != 0 ]; then
