@@ -25,6 +25,7 @@
 
 #include "blt_ext.h"
 #include "common/entropy_patch.h"
+#include "widen.cuh"
 
 namespace blt_ext::cuda {
 namespace {
@@ -83,23 +84,6 @@ struct alignas(sizeof(T) * N) Vec {
   T v[N];
 };
 
-// The elements of a vector widened to acc_t. bf16 widens by placing its bits in a float's top half
-// (exact), done on the packed 32-bit words (fewer registers than c10's per-element conversion).
-template <typename acc_t, typename T, int N>
-__device__ __forceinline__ void widen(acc_t* x, const Vec<T, N>& raw) {
-  if constexpr (std::is_same_v<T, c10::BFloat16>) {
-    const auto* words = reinterpret_cast<const uint32_t*>(raw.v);
-#pragma unroll
-    for (int j = 0; j < N / 2; ++j) {
-      x[2 * j] = __uint_as_float(words[j] << 16);
-      x[2 * j + 1] = __uint_as_float(words[j] & 0xffff0000u);
-    }
-  } else {
-#pragma unroll
-    for (int j = 0; j < N; ++j) x[j] = static_cast<acc_t>(raw.v[j]);
-  }
-}
-
 constexpr int kEntropyUnroll = 4;  // 16-byte loads a lane has in flight at once
 
 // The entropy of the row of V logits at z, by kLanes lanes (an aligned group of a warp; every lane
@@ -145,14 +129,15 @@ __device__ __forceinline__ opmath_t<scalar_t> row_entropy(const scalar_t* z, int
     for (int u = 0; u < kEntropyUnroll; ++u) {
       if (lane + u * kLanes < vectors) {
         acc_t x[kVec];
-        widen(x, held[u]);
+        widen(x, held[u].v);
 #pragma unroll
         for (int j = 0; j < kVec; ++j) f(x[j]);
       }
     }
     for (int64_t i = lane + static_cast<int64_t>(kLanes) * kEntropyUnroll; i < vectors; i += kLanes) {
       acc_t x[kVec];
-      widen(x, body[i]);
+      const Vec<scalar_t, kVec> raw = body[i];
+      widen(x, raw.v);
 #pragma unroll
       for (int j = 0; j < kVec; ++j) f(x[j]);
     }
@@ -187,11 +172,12 @@ bool short_rows(int64_t V, int64_t element_size) { return V * element_size <= 10
 
 constexpr int kEntropyThreads = 256;
 
-// Blocks of 256 threads per SM the register budget is set for: the 16- and 32-bit kernels fit in
-// 48 registers (5 blocks) without spilling; fp64's exp needs more.
+// Blocks of 256 threads per SM the register budget of the kernels that compute entropies is set
+// for: 4 (64 registers; ptxas, sm_90: no spills, except 4 bytes in the fused layout kernel for
+// fp32 rows of a warp); fp64's exp needs more.
 template <typename scalar_t>
 constexpr int entropy_min_blocks() {
-  return sizeof(scalar_t) == 8 ? 3 : 5;
+  return sizeof(scalar_t) == 8 ? 2 : 4;
 }
 
 // Groups past the last row read nothing but still take part in the shuffles.
@@ -275,8 +261,7 @@ struct MaskStarts {
 template <typename scalar_t, int kLanes>
 struct LogitsStarts {
   using acc_t = opmath_t<scalar_t>;
-  // 64 registers: 4 blocks per SM, no spills below fp64.
-  static constexpr int kMinBlocks = entropy_min_blocks<scalar_t>() - 1;
+  static constexpr int kMinBlocks = entropy_min_blocks<scalar_t>();
   struct Storage {
     acc_t entropies[kTileRows];  // H[tile_begin - kHalo + i]
     int tile_begin;

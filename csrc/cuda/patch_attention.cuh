@@ -40,6 +40,7 @@
 #include <type_traits>
 
 #include "common/patch_attention.h"
+#include "widen.cuh"
 
 namespace blt_ext::cuda::patch_attention_kernels {
 
@@ -152,8 +153,7 @@ __device__ __forceinline__ void opaque(Packed<scalar_t>& p) {
 
 template <typename scalar_t, typename acc_t>
 __device__ __forceinline__ void unpack(acc_t (&x)[kElems], const Packed<scalar_t>& p) {
-#pragma unroll
-  for (int i = 0; i < kElems; ++i) x[i] = static_cast<acc_t>(p.x[i]);
+  widen(x, p.x);
 }
 
 template <typename scalar_t, typename acc_t>
@@ -192,9 +192,12 @@ __device__ __forceinline__ void store_chunk(scalar_t* row, const acc_t (&x)[kEle
 
 template <typename acc_t, typename scalar_t>
 __device__ __forceinline__ acc_t dot(const Packed<scalar_t>& a, const Packed<scalar_t>& b) {
+  acc_t x[kElems], y[kElems];
+  unpack(x, a);
+  unpack(y, b);
   acc_t s = 0;
 #pragma unroll
-  for (int i = 0; i < kElems; ++i) s += static_cast<acc_t>(a.x[i]) * static_cast<acc_t>(b.x[i]);
+  for (int i = 0; i < kElems; ++i) s += x[i] * y[i];
   return s;
 }
 
