@@ -31,6 +31,7 @@
 #pragma once
 
 #include <ATen/OpMathType.h>
+#include <ATen/cuda/detail/IntegerDivider.cuh>
 #include <ATen/core/Tensor.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAStream.h>
@@ -97,6 +98,8 @@ struct Args {
   int group;           // lanes per head row
   int heads_per_warp;  // head rows side by side in a warp
   int64_t head_groups; // warps per (b, p): ceil(H / heads_per_warp)
+  uint32_t warps;      // B * P * head_groups
+  at::cuda::detail::IntDivider<uint32_t> per_head_groups, per_patches;  // warp -> (b, p, head group)
   bool vec;   // 16-byte vector loads allowed (Dh % 8 == 0, 16-byte aligned bases)
 };
 
@@ -228,21 +231,22 @@ struct Lane {
   bool leader;  // first lane of an existing head row: writes the row's scalars
 };
 
-// The host checks B * P * head_groups < 2^31, so the warp coordinates use 32-bit division; the
-// lane group and heads per warp are powers of two, so the lane's place takes shifts and masks.
+// The host checks B * P * head_groups < 2^31, so the warp coordinates are 32-bit and divide by
+// multiplying with the host's magic numbers; the lane group and heads per warp are powers of two,
+// so the lane's place takes shifts and masks.
 template <typename scalar_t>
 __device__ __forceinline__ bool make_lane(const Args<scalar_t>& a, Lane& l, int group) {
   const uint32_t warp = blockIdx.x * kWarpsPerBlock + threadIdx.x / kWarp;
-  if (warp >= static_cast<uint32_t>(a.batch * a.patches * a.head_groups)) return false;
-  const uint32_t groups = static_cast<uint32_t>(a.head_groups), patches = static_cast<uint32_t>(a.patches);
-  const uint32_t bp = warp / groups;
-  l.bp = bp;
-  l.b = bp / patches;
-  l.p = bp % patches;
+  if (warp >= a.warps) return false;
+  const auto bp_group = a.per_head_groups.divmod(warp);
+  const auto b_p = a.per_patches.divmod(bp_group.div);
+  l.bp = bp_group.div;
+  l.b = b_p.div;
+  l.p = b_p.mod;
   l.lane = threadIdx.x % kWarp;
   const int group_shift = __ffs(group) - 1, heads_shift = __ffs(a.heads_per_warp) - 1;
   const int row_group = l.lane >> group_shift;
-  l.h = static_cast<int64_t>(warp % groups) * a.heads_per_warp + (row_group & (a.heads_per_warp - 1));
+  l.h = static_cast<int64_t>(bp_group.mod) * a.heads_per_warp + (row_group & (a.heads_per_warp - 1));
   l.sub = row_group >> heads_shift;
   l.subs = kWarp >> (group_shift + heads_shift);
   l.off = (l.lane & (group - 1)) * kElems;
@@ -330,6 +334,9 @@ void launch_chunks(Args<scalar_t> a, Launch launch) {
   if (warps == 0) return;
   TORCH_CHECK(warps < (int64_t{1} << 31),
               "blt_ext.patch_cross_attention: B * P * ceil(H / heads per warp) must be below 2^31, got ", std::to_string(warps));
+  a.warps = static_cast<uint32_t>(warps);
+  a.per_head_groups = at::cuda::detail::IntDivider<uint32_t>(static_cast<uint32_t>(a.head_groups));
+  a.per_patches = at::cuda::detail::IntDivider<uint32_t>(static_cast<uint32_t>(a.patches));
   const dim3 grid(static_cast<unsigned>((warps + kWarpsPerBlock - 1) / kWarpsPerBlock));
   const dim3 block(kWarp * kWarpsPerBlock);
   const auto stream = c10::cuda::getCurrentCUDAStream();
