@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# One call on a GPU machine: build with CUDA for sm_90, raise one argument error per op on each
-# device in a subprocess (tools/error_path_check.py), run the GPU tests, run
-# compute-sanitizer (memcheck, racecheck) over small cases of every kernel, run the GPU benchmarks
-# (one op family at a time, so a time limit loses at most one table), and print a short summary last.
+# One call on a GPU machine: build with CUDA for sm_90; run the GPU tests and, beside them, raise one
+# argument error per op on each device in a subprocess (tools/error_path_check.py) and run
+# compute-sanitizer (memcheck, racecheck) over small cases of every kernel; then run the GPU
+# benchmarks (one op family at a time, so a time limit loses at most one table) and print a short
+# summary last.
 # Usage: benchmarks/gpu_check.sh LOGDIR [benchmark files...]   (LOGDIR receives at most 8 files;
 # default: the four op families)
 # TESTS=cuda (default) runs the GPU tests (`pytest -m cuda`: every CUDA case; CI runs the CPU ones),
@@ -41,7 +42,22 @@ step env 60 "$PY" -m blt_ext env
 # how torch and this build were compiled: a C++ ABI or compiler mismatch shows here
 "$PY" -c "import torch; print('torch C++ ABI', int(torch._C._GLIBCXX_USE_CXX11_ABI)); print(torch.__config__.show())" >>"$LOG/build.log" 2>&1
 grep -h -E '^ *(FLAGS|DEFINES) =' build/cmake-*/build.ninja | sort -u >>"$LOG/build.log" 2>&1
-step error-paths 120 "$PY" tools/error_path_check.py
+# The correctness-only steps (argument errors, compute-sanitizer) run beside the tests, as none of
+# them times anything; each leaves its summary line in LOG/NAME.status until the tests are done.
+in_background() {  # in_background NAME SECONDS COMMAND...: step in a background job
+  ( step "$@"; printf '%s\n' "${status[-1]}" >"$LOG/$1.status" ) &
+}
+in_background error-paths 120 "$PY" tools/error_path_check.py
+SANITIZE=${SANITIZE:-1}
+if [ "$SANITIZE" != 0 ] && command -v compute-sanitizer >/dev/null; then
+  (
+    for tool in memcheck racecheck; do
+      [ "$SANITIZE" = 1 ] || [ "$SANITIZE" = "$tool" ] || continue
+      step "$tool" 150 compute-sanitizer --tool "$tool" --error-exitcode 1 "$PY" tools/sanitize_cases.py
+      printf '%s\n' "${status[-1]}" >"$LOG/$tool.status"
+    done
+  ) &
+fi
 # The tests on 8 pytest-xdist workers where available: a crashing test then takes down one worker,
 # not the run.
 XDIST=$("$PY" -c "import xdist" 2>/dev/null && echo "-n 8 --dist loadgroup")
@@ -62,13 +78,10 @@ elif [ "$TESTS" != 0 ]; then
   TEST_CMD=("$PY" -m pytest $TESTS $PYTEST_ARGS)
 fi
 [ ${#TEST_CMD[@]} -gt 0 ] && OMP_NUM_THREADS=2 PYTORCH_CUDA_ALLOC_CONF=$TEST_ALLOC step tests 360 "${TEST_CMD[@]}"
-SANITIZE=${SANITIZE:-1}
-if [ "$SANITIZE" != 0 ] && command -v compute-sanitizer >/dev/null; then
-  for tool in memcheck racecheck; do
-    [ "$SANITIZE" = 1 ] || [ "$SANITIZE" = "$tool" ] || continue
-    step "$tool" 150 compute-sanitizer --tool "$tool" --error-exitcode 1 "$PY" tools/sanitize_cases.py
-  done
-fi
+wait
+for done_step in "$LOG"/*.status; do
+  [ -e "$done_step" ] && status+=("$(cat "$done_step")") && rm -f "$done_step"
+done
 if [ "${NCU:-0}" = 1 ] && command -v ncu >/dev/null; then
   # --clock-control none: profile at the clocks the card runs at (ncu would otherwise lock them).
   # The compute sections say which pipe and which instructions fill the issue slots.
