@@ -10,7 +10,8 @@
 # TESTS=all the README's test command (CPU and CUDA), TESTS="FILES..." those files' CPU and CUDA
 # cases, TESTS=0 nothing;
 # SANITIZE=0 skips compute-sanitizer, SANITIZE=memcheck or racecheck runs that tool alone;
-# NCU=1 adds Nsight Compute's view of the cross-attention kernels (LOGDIR/ncu.log);
+# NCU=1 adds Nsight Compute's view of the cross-attention and entropy-patching kernels
+# (LOGDIR/ncu.log);
 # DEMO=1 adds the demo on the GPU (into LOGDIR/demo);
 # BENCH_LIMIT sets the seconds each benchmark file may take (default 200);
 # BLT_COMMIT=HASH names the commit in the tables: pass the local one, since the copied checkout's
@@ -87,7 +88,7 @@ if [ "${NCU:-0}" = 1 ] && command -v ncu >/dev/null; then
   # The compute sections say which pipe and which instructions fill the issue slots.
   step ncu 120 ncu --clock-control none --section SpeedOfLight --section LaunchStats --section Occupancy --section WarpStateStats \
     --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis --section InstructionStats --section SchedulerStats \
-    -k 'regex:(encoder|decoder)_(forward|backward)' "$PY" tools/ncu_attention.py
+    -k 'regex:(encoder|decoder)_(forward|backward)|patch_layout' "$PY" tools/ncu_kernels.py
 fi
 for file in "${BENCH_FILES[@]}"; do
   BLT_BENCH_DEVICE=cuda step bench "${BENCH_LIMIT:-200}" "$PY" benchmarks/run.py --record "$LOG/table.tmp" "$file" &&

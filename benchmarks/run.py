@@ -52,7 +52,7 @@ def environment():
 
     # BLT_COMMIT names the commit where the checkout has no .git (a copied working tree).
     commit = os.environ.get("BLT_COMMIT") or subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=HERE
+        ["git", "rev-parse", "--short", "HEAD"], check=False, capture_output=True, text=True, cwd=HERE
     ).stdout.strip()
     info = {
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
@@ -135,11 +135,13 @@ def main(argv=None):
 
     json_path = args.json or os.path.join(tempfile.mkdtemp(), "bench.json")
     files = args.files or sorted(str(p) for p in HERE.glob("bench_*.py"))
+    # --durations: which benchmarks (compilation included) take a file's time
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *files,
-           f"--benchmark-json={json_path}", "--benchmark-disable-gc", "--benchmark-columns=median"]
+           f"--benchmark-json={json_path}", "--benchmark-disable-gc", "--benchmark-columns=median",
+           "--durations=0", "--durations-min=5"]
     if args.k:
         cmd += ["-k", args.k]
-    result = subprocess.run(cmd, cwd=HERE.parent)
+    result = subprocess.run(cmd, check=False, cwd=HERE.parent)
     if result.returncode != 0 or not Path(json_path).exists():
         print(f"benchmark run failed (exit {result.returncode})", file=sys.stderr)
         return result.returncode or 1

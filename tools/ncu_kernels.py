@@ -1,9 +1,10 @@
-"""Run the patch cross-attention kernels once per direction and pass at the benchmark shape
-(B=4, T=8192, 16 heads x 64, k=2, bf16), for Nsight Compute:
+"""Run the kernels worth profiling once each at the benchmark shapes, for Nsight Compute: patch
+cross-attention per direction and pass (B=4, T=8192, 16 heads x 64, k=2, bf16) and entropy
+patching (B=8, T=8192, V=260 bf16 logits; the one-launch layout kernel):
 
-    ncu --clock-control none -k regex:"(encoder|decoder)_(forward|backward)" \\
+    ncu --clock-control none -k regex:"(encoder|decoder)_(forward|backward)|patch_layout" \\
         --section SpeedOfLight --section LaunchStats --section Occupancy --section WarpStateStats \\
-        python tools/ncu_attention.py
+        python tools/ncu_kernels.py
 
 (or ``NCU=1 benchmarks/gpu_check.sh LOGDIR``)
 """
@@ -11,6 +12,7 @@
 import torch
 
 from blt_ext import ops
+from blt_ext.testing.entropy_patch import random_logits
 from blt_ext.testing.patch_attention import attention_inputs
 
 
@@ -22,6 +24,9 @@ def main():
         )
         out = ops.patch_cross_attention(q, k, v, lengths, 2, direction)
         out.backward(torch.randn_like(out))
+    logits = random_logits(8, 8192, dtype=torch.bfloat16, device="cuda",
+                           generator=torch.Generator().manual_seed(0))
+    ops.entropy_patch(logits)
     torch.cuda.synchronize()
 
 
