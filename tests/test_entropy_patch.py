@@ -242,8 +242,8 @@ def test_patch_layout_matches_reference(device, generator, include_next_token, m
 @pytest.mark.parametrize("layout_kind", ["random", "one_patch", "all_ones", "long_patch"])
 @pytest.mark.parametrize("max_patch_length", [None, 7])
 def test_patch_layout_round_trips_patch_lengths(device, generator, layout_kind, max_patch_length):
-    # 9000 positions span many tiles of the CUDA scan (and more than one look-back window of 32).
-    num_bytes = 9000
+    # 25000 positions span 199 tiles of the CUDA scan: three look-back windows of 96 tiles.
+    num_bytes = 25000
     lengths = random_patch_lengths(2, num_bytes, layout=layout_kind, generator=generator)
     starts = starts_from_lengths(lengths, num_bytes).to(device)
     layout = ops.patch_layout(starts, True, max_patch_length)
@@ -395,6 +395,18 @@ def test_fused_entropy_patch_equals_composition(device, generator, mode, dtype, 
         # the tie threshold left some positions exactly at it (not starts) and some above it
         at = (entropies[:, 1:] == kwargs["threshold"]).sum().item()
         assert at > 0 and 0 < starts[:, 2:].sum().item() < starts[:, 2:].numel() - at
+
+
+@pytest.mark.parametrize("mode", ["global", "monotonicity"])
+def test_fused_entropy_patch_long_rows(device, generator, mode):
+    # 25000 bytes: the CUDA layout's look-back spans three windows of 96 tiles.
+    logits = tied_logits(2, 25000, torch.bfloat16, device, generator)
+    entropies = ops.entropy(logits)
+    kwargs = fused_mode_kwargs(mode, entropies)
+    starts = ops.entropy_patch_starts(entropies, **kwargs)
+    for max_patch_length in (None, 7):
+        assert_layout_equal(ops.entropy_patch(logits, max_patch_length=max_patch_length, **kwargs),
+                            ops.patch_layout(starts, True, max_patch_length))
 
 
 def test_fused_entropy_patch_strided_logits(device, generator):

@@ -228,7 +228,7 @@ __global__ void space_patch_starts_kernel(const int64_t* __restrict__ tokens, bo
 // One launch. Each block takes the next tile of kLayoutTile positions of a row (an atomic ticket,
 // so every earlier tile of the row has started and none waits on a later one), finds the tile's
 // natural starts, publishes the tile's summary and combines the summaries of the tiles before it
-// (decoupled look-back: one warp reads 32 tiles' records at a time and stops at the nearest tile
+// (decoupled look-back: one warp reads 96 tiles' records at a time and stops at the nearest tile
 // that has published its inclusive prefix), then writes the tile's patch ids and lengths.
 
 constexpr int kLayoutThreads = 256;
@@ -359,45 +359,79 @@ __device__ __forceinline__ Summary combine(const Summary& a, const Summary& b, i
           a.count + (a_has ? split_points<kSplit>(a.last, b.begin, b.first, m) : 0) + b.count};
 }
 
-// A tile's record in the workspace: the tile's own summary (flag kAggregate), then the summary of
-// its row up to the tile's end (flag kInclusive; begin and first are 0 there).
-constexpr int kRecordInts = 8;
-enum RecordField { kFirst, kLast, kCount, kPrefixLast, kPrefixCount, kFlag };
-constexpr int kAggregate = 1, kInclusive = 2;
+// A tile's record: one 64-bit word, stored and loaded whole, so a reader sees the old or the new
+// word and no fence orders it against anything. Its top two bits say what it holds: nothing yet,
+// the tile's own summary (kAggregate: first natural start, last natural start + 1 (0: none) and
+// start count, 20 bits each, relative to the tile), or the summary of the row up to the tile's end
+// (kInclusive: last natural start + 1 and count, 31 bits each; begin and first are 0).
+using Record = unsigned long long;
+constexpr Record kAggregate = Record{1} << 62, kInclusive = Record{2} << 62, kKindMask = Record{3} << 62;
+constexpr Record kField20 = (Record{1} << 20) - 1, kField31 = (Record{1} << 31) - 1;
+static_assert(kLayoutTile < (1 << 20));
 
-// Written by one thread: the values, a fence, then the flag that makes them readable.
-__device__ __forceinline__ void publish(int* record, const Summary& summary, int flag) {
-  if (flag == kAggregate) {
-    record[kFirst] = summary.first;
-    record[kLast] = summary.last;
-    record[kCount] = summary.count;
-  } else {
-    record[kPrefixLast] = summary.last;
-    record[kPrefixCount] = summary.count;
-  }
-  __threadfence();
-  *reinterpret_cast<volatile int*>(record + kFlag) = flag;
+__device__ __forceinline__ Record aggregate_record(const Summary& tile) {
+  const int last = tile.last >= 0 ? tile.last - tile.begin + 1 : 0;
+  return kAggregate | static_cast<Record>(tile.first - tile.begin) << 40 | static_cast<Record>(last) << 20 |
+         static_cast<Record>(tile.count);
 }
 
+// check_layout_size keeps every position and count of a row below 2^31 - 1.
+__device__ __forceinline__ Record inclusive_record(const Summary& prefix) {
+  return kInclusive | static_cast<Record>(prefix.last + 1) << 31 | static_cast<Record>(prefix.count);
+}
+
+__device__ __forceinline__ Summary read_record(Record record, int tile_begin) {
+  if ((record & kKindMask) == kInclusive) {
+    return {0, 0, static_cast<int>((record >> 31) & kField31) - 1, static_cast<int>(record & kField31)};
+  }
+  const int last = static_cast<int>((record >> 20) & kField20);
+  return {tile_begin, tile_begin + static_cast<int>((record >> 40) & kField20), last > 0 ? tile_begin + last - 1 : -1,
+          static_cast<int>(record & kField20)};
+}
+
+__device__ __forceinline__ void publish(Record* record, Record value) {
+  *reinterpret_cast<volatile Record*>(record) = value;
+}
+
+// Records one lane of the look-back reads per round: a warp covers 96 tiles (12,096 positions) at
+// once, so for rows up to that long one round trip to L2 finds tile 0's inclusive summary.
+constexpr int kRecordsPerLane = 3;
+constexpr int kLookBackWindow = 32 * kRecordsPerLane;
+
 // Warp 0 of the tile's block: the summary of positions [0, tile_begin) from the records of the
-// row's earlier tiles (tile 0 publishes its inclusive summary without looking back).
+// row's earlier tiles (tile 0 publishes its inclusive summary without looking back). Each round
+// waits until every record of its window holds something, combines them from the nearest
+// inclusive one on, and stops there, or goes one window further back.
 template <bool kSplit>
-__device__ Summary look_back(const int* row_records, int tile, int m) {
+__device__ Summary look_back(const Record* row_records, int tile, int m) {
   const int lane = threadIdx.x % 32;
   Summary suffix{0, 0, -1, 0};
   bool have_suffix = false;
-  for (int window_end = tile;; window_end -= 32) {
-    const int i = window_end - 32 + lane;  // lane 31: the nearest earlier tile
-    const volatile int* record = row_records + static_cast<int64_t>(max(i, 0)) * kRecordInts;
-    // Lanes before tile 0 count as inclusive: tile 0 always is, so they are never combined.
-    int flag;
+  for (int window_end = tile;; window_end -= kLookBackWindow) {
+    const int lane_first = window_end - kLookBackWindow + lane * kRecordsPerLane;  // lane 31 ends at tile - 1
+    // Tiles before tile 0 read as inclusive: tile 0 always is, so they are never combined.
+    Record records[kRecordsPerLane];
+    bool ready;
     do {
-      flag = i >= 0 ? record[kFlag] : kInclusive;
-    } while (!__all_sync(kFullMask, flag != 0));
-    __threadfence();
-    Summary mine = flag == kInclusive ? Summary{0, 0, record[kPrefixLast], record[kPrefixCount]}
-                                      : Summary{i * kLayoutTile, record[kFirst], record[kLast], record[kCount]};
-    const unsigned inclusive = __ballot_sync(kFullMask, flag == kInclusive);
+      ready = true;
+#pragma unroll
+      for (int j = 0; j < kRecordsPerLane; ++j) {
+        const int i = lane_first + j;
+        records[j] = i >= 0 ? *reinterpret_cast<const volatile Record*>(row_records + i) : kInclusive;
+        ready = ready && records[j] != 0;
+      }
+    } while (!__all_sync(kFullMask, ready));
+    // This lane's tiles from its nearest inclusive record on.
+    Summary mine{0, 0, -1, 0};
+    bool lane_inclusive = false;
+#pragma unroll
+    for (int j = 0; j < kRecordsPerLane; ++j) {
+      const Summary record = read_record(records[j], (lane_first + j) * kLayoutTile);
+      const bool inclusive = (records[j] & kKindMask) == kInclusive;
+      mine = inclusive || j == 0 ? record : combine<kSplit>(mine, record, m);
+      lane_inclusive = lane_inclusive || inclusive;
+    }
+    const unsigned inclusive = __ballot_sync(kFullMask, lane_inclusive);
     const int lowest = inclusive ? 31 - __clz(inclusive) : 0;
     // Suffix scan in tile order: lane l ends with the summary of lanes l..31.
 #pragma unroll
@@ -418,14 +452,14 @@ __device__ Summary look_back(const int* row_records, int tile, int m) {
 // arrive zeroed too (the padding past a row's last patch).
 template <bool kSplit, typename Source>
 __global__ void __launch_bounds__(kLayoutThreads, Source::kMinBlocks)
-    patch_layout_kernel(Source source, int* __restrict__ workspace, int64_t* __restrict__ patch_ids,
+    patch_layout_kernel(Source source, Record* __restrict__ workspace, int64_t* __restrict__ patch_ids,
                         int64_t* __restrict__ patch_lengths, int64_t* __restrict__ patch_counts, int T, int L, int m,
                         int tiles) {
   __shared__ typename Source::Storage storage;
   __shared__ int shared[32];
   __shared__ int ticket;
   __shared__ Summary prefix;
-  if (threadIdx.x == 0) ticket = atomicAdd(workspace, 1);
+  if (threadIdx.x == 0) ticket = static_cast<int>(atomicAdd(workspace, Record{1}));
   __syncthreads();
   const int b = ticket / tiles, tile = ticket % tiles;
   const int tile_begin = tile * kLayoutTile, tile_end = min(tile_begin + kLayoutTile, L);
@@ -446,18 +480,17 @@ __global__ void __launch_bounds__(kLayoutThreads, Source::kMinBlocks)
   int tile_count;
   const int counted_before = block_exclusive_scan(counted, 0, Sum{}, shared, tile_count);
 
-  int* row_records = workspace + kRecordInts + static_cast<int64_t>(b) * tiles * kRecordInts;
-  int* record = row_records + static_cast<int64_t>(tile) * kRecordInts;
+  Record* row_records = workspace + 1 + static_cast<int64_t>(b) * tiles;
   const Summary aggregate{tile_begin, first, tile_last, tile_count};
   if (threadIdx.x < 32) {
     Summary before{0, 0, -1, 0};
     if (tile > 0) {
-      if (threadIdx.x == 0) publish(record, aggregate, kAggregate);
+      if (threadIdx.x == 0) publish(row_records + tile, aggregate_record(aggregate));
       before = look_back<kSplit>(row_records, tile, m);
     }
     if (threadIdx.x == 0) {
       const Summary through = combine<kSplit>(before, aggregate, m);
-      publish(record, through, kInclusive);
+      publish(row_records + tile, inclusive_record(through));
       if (tile + 1 == tiles) patch_counts[b] = through.count;
       prefix = before;
     }
@@ -490,7 +523,7 @@ void check_layout_size(const char* op, const char* what, int64_t B, int64_t T) {
 struct Layout {
   int64_t B, T, L, tiles;
   at::Tensor patch_ids, patch_lengths, patch_counts;
-  int* workspace = nullptr;
+  Record* workspace = nullptr;
 
   Layout(int64_t B, int64_t T, bool include_next_token, const at::TensorOptions& options)
       : B(B), T(T), L(T + include_next_token),
@@ -500,13 +533,12 @@ struct Layout {
         patch_counts(at::empty({B}, options.dtype(at::kLong))) {
     TORCH_CHECK(B * tiles <= INT32_MAX, "blt_ext: too many positions for one launch: ", std::to_string(B * (T + 1)));
     const int64_t lengths = B * (T + 1);
-    const int64_t workspace_ints = kRecordInts * (1 + B * tiles);
-    at::Tensor buffer = at::empty({lengths + (workspace_ints + 1) / 2}, options.dtype(at::kLong));
+    at::Tensor buffer = at::empty({lengths + 1 + B * tiles}, options.dtype(at::kLong));
     patch_lengths = buffer.narrow(0, 0, lengths).view({B, T + 1});
     if (B == 0) return;
     C10_CUDA_CHECK(cudaMemsetAsync(buffer.mutable_data_ptr<int64_t>(), 0, buffer.nbytes(),
                                    c10::cuda::getCurrentCUDAStream()));
-    workspace = reinterpret_cast<int*>(buffer.mutable_data_ptr<int64_t>() + lengths);
+    workspace = reinterpret_cast<Record*>(buffer.mutable_data_ptr<int64_t>() + lengths);
   }
 
   std::tuple<at::Tensor, at::Tensor, at::Tensor> tuple() const { return {patch_ids, patch_lengths, patch_counts}; }
