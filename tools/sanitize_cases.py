@@ -29,6 +29,10 @@ def main():
         starts = ops.entropy_patch_starts(ops.entropy(logits), 0.1, monotonicity=True)
         ops.patch_layout(starts, include_next_token=True, max_patch_length=5)
         ops.patch_layout(ops.space_patch_starts(tokens), include_next_token=True)
+        # 300 positions: three tiles of the layout kernel a row, so its look-back runs
+        long_logits = (3 * torch.randn(B, 300, 260, generator=g)).to(dev, dtype)
+        ops.entropy_patch(long_logits)
+        ops.patch_layout(ops.entropy_patch_starts(ops.entropy(long_logits), 1.0), max_patch_length=4)
 
         for layout in ("random", "long_patch", "all_ones"):
             lengths = random_patch_lengths(B, T, layout=layout, generator=g)
