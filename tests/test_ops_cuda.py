@@ -10,7 +10,11 @@ import pytest
 import torch
 
 from blt_ext import ops, reference
-from blt_ext.testing import assert_close_to_reference, deterministic_algorithms, random_patch_lengths
+from blt_ext.testing import (
+    assert_close_to_reference,
+    deterministic_algorithms,
+    random_patch_lengths,
+)
 from blt_ext.testing.segment_pool import first_winner_grad
 
 # Released shapes (6 GB of hash tables and their gradients): one worker under pytest-xdist.
@@ -30,10 +34,17 @@ def released_inputs(seed=0):
     return g, tokens, lengths
 
 
+def hash_tables(seed, scale=1.0):
+    """The released byte table [260, 1024] and six 500002-row hash tables [3000012, 1024], bf16,
+    drawn on the GPU (3e9 values: drawing them on the CPU takes tens of seconds)."""
+    g = torch.Generator(device=CUDA).manual_seed(seed)
+    return [(torch.randn(rows, 1024, generator=g, device=CUDA) * scale).to(BF16).requires_grad_()
+            for rows in (260, 6 * 500002)]
+
+
 def test_hash_ngram_embedding_released_shapes_forward_and_backward():
     g, tokens, _ = released_inputs()
-    byte_w = (torch.randn(260, 1024, generator=g) * 0.03).to(CUDA, BF16).requires_grad_()
-    hash_w = (torch.randn(6 * 500002, 1024, generator=g) * 0.03).to(CUDA, BF16).requires_grad_()
+    byte_w, hash_w = hash_tables(0, scale=0.03)
     out = ops.hash_ngram_embedding(tokens, byte_w, hash_w)
     byte_ref = byte_w.detach().float().requires_grad_()
     hash_ref = hash_w.detach().float().requires_grad_()
@@ -49,9 +60,8 @@ def test_hash_ngram_embedding_released_shapes_forward_and_backward():
 
 
 def test_hash_ngram_deterministic_backward_repeats_bitwise():
-    g, tokens, _ = released_inputs(1)
-    byte_w = torch.randn(260, 1024, generator=g).to(CUDA, BF16).requires_grad_()
-    hash_w = torch.randn(6 * 500002, 1024, generator=g).to(CUDA, BF16).requires_grad_()
+    _, tokens, _ = released_inputs(1)
+    byte_w, hash_w = hash_tables(1)
     grads = []
     with deterministic_algorithms():
         for _ in range(2):
