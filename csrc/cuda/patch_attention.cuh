@@ -12,12 +12,12 @@
 // elements per lane (16-byte loads for 16-bit types), and 32 / G rows sit side by side: first
 // neighbouring heads (Dh = 64: 4 heads, a 512-byte contiguous span of a byte's row), then, when
 // H is too small to fill the warp, sub-groups that take different bytes of the range and merge
-// at the end (online softmax / sums); the decoder backward takes up to four sub-groups before
-// heads (kDecoderBackwardSubGroups). Each kernel step handles several bytes of the range with
-// all their loads issued before any use, so a warp keeps many independent loads in flight. Every
-// kernel is compiled for any G and for G = kFastGroup with 16-byte loads (Dh 40-64), where the
-// shuffles and lane arithmetic are unrolled: at BLT-1B shapes the kernels use 54-68% of the SM's
-// compute throughput (ncu), so instructions count as well as loads in flight.
+// at the end (online softmax / sums). Heads come first because a warp's set-up and merge cost as
+// much as several bytes of work at BLT's 4.5-byte patches. Each kernel step handles several bytes
+// of the range with all their loads issued before any use, so a warp keeps many independent loads
+// in flight. Every kernel is compiled for any G and for G = kFastGroup with 16-byte loads (Dh
+// 40-64), where the shuffles and lane arithmetic are unrolled: at BLT-1B shapes the kernels use
+// 58-66% of the SM's issue slots (ncu), so instructions count as well as loads in flight.
 //
 // Patch offsets come from at::cumsum of the lengths on the device (no host synchronisation);
 // the decoder range of p ends where the next non-empty patch ends (a binary search over the
@@ -58,14 +58,6 @@ constexpr unsigned kFullMask = 0xffffffffu;
 // shifts, and no scalar-load path is left; other shapes take the kernels compiled for any group
 // (kGroup = 0).
 constexpr int kFastGroup = 8;
-// Sub-groups of one head the decoder backward splits a patch's bytes over, where the lanes allow
-// (the other kernels fill a warp with heads first). On the H200 at BLT-1B shapes (B4 T8192 H16
-// Dh64 k2 bf16, 1800 patches of 4.5 bytes a row), with four sub-groups and bounded registers the
-// decoder backward went from 293 to 236 us, while the forward kernels and the encoder backward
-// went from 94 to 193, 106 to 139 and 182 to 260 us: their warps then spend more on per-warp
-// set-up and merging, and on byte slots that short patches leave empty, than they gain in round
-// trips.
-constexpr int kDecoderBackwardSubGroups = 4;
 
 // Blocks of a kernel an SM must hold at once, i.e. a thread's register budget (65536 / (128 *
 // blocks)): the kernels wait on memory, and more warps keep more loads in flight. Given for
@@ -295,10 +287,8 @@ __device__ __forceinline__ ByteRange decoder_range(const Args<scalar_t>& a, int6
 
 inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
-// sub_groups: how many sub-groups per head the lanes go to before neighbouring heads.
 template <typename scalar_t>
-Args<scalar_t> make_args(const AttentionShape& s, const at::Tensor& lengths, const at::Tensor& ends, double scale,
-                         int sub_groups) {
+Args<scalar_t> make_args(const AttentionShape& s, const at::Tensor& lengths, const at::Tensor& ends, double scale) {
   Args<scalar_t> a{};
   a.lengths = lengths.const_data_ptr<int64_t>();
   a.ends = ends.const_data_ptr<int64_t>();
@@ -315,7 +305,7 @@ Args<scalar_t> make_args(const AttentionShape& s, const at::Tensor& lengths, con
   a.group = 1;
   while (a.group < lanes) a.group <<= 1;
   a.heads_per_warp = 1;
-  while (a.heads_per_warp * sub_groups < kWarp / a.group && a.heads_per_warp < s.heads) a.heads_per_warp <<= 1;
+  while (a.heads_per_warp < kWarp / a.group && a.heads_per_warp < s.heads) a.heads_per_warp <<= 1;
   a.head_groups = (s.heads + a.heads_per_warp - 1) / a.heads_per_warp;
   return a;
 }

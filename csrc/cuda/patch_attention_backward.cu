@@ -261,7 +261,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> patch_cross_attention_backward(
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "patch_cross_attention_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const bool encoder = s.direction == Direction::kEncoder;
-    auto a = make_args<scalar_t>(s, lengths, ends, scale, encoder ? 1 : kDecoderBackwardSubGroups);
+    auto a = make_args<scalar_t>(s, lengths, ends, scale);
     a.q = q.const_data_ptr<scalar_t>();
     a.k = k.const_data_ptr<scalar_t>();
     a.v = v.const_data_ptr<scalar_t>();

@@ -238,7 +238,7 @@ std::tuple<at::Tensor, at::Tensor> patch_cross_attention(const at::Tensor& q, co
   auto lse = at::empty({s.batch, s.heads, s.queries}, q.options().dtype(patch_attention::lse_dtype(q)));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "patch_cross_attention", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    auto a = make_args<scalar_t>(s, lengths, ends, scale, 1);
+    auto a = make_args<scalar_t>(s, lengths, ends, scale);
     a.q = q.const_data_ptr<scalar_t>();
     a.k = k.const_data_ptr<scalar_t>();
     a.v = v.const_data_ptr<scalar_t>();
