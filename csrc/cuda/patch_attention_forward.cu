@@ -116,7 +116,7 @@ __global__ void __launch_bounds__(kWarp* kWarpsPerBlock, min_blocks<scalar_t, C>
   for (int r = 0; r < C; ++r) {
     if (r >= nslot || r % R != l.sub) continue;
     const bool any = denom[r] > 0;  // an empty patch: out 0, lse -inf
-    store_chunk(out_rows + r * row, acc[r], any ? acc_t(1) / denom[r] : acc_t(0), l.off, dh, vec, false);
+    store_chunk(out_rows + r * row, acc[r], any ? reciprocal_(denom[r]) : acc_t(0), l.off, dh, vec, false);
     if (l.leader) lse_rows[r] = any ? (m[r] + log2_(denom[r])) * kLn2<acc_t> : neg_inf<acc_t>();
   }
 }
@@ -201,7 +201,7 @@ __global__ void __launch_bounds__(kWarp* kWarpsPerBlock, min_blocks<scalar_t, C>
         for (int e = 0; e < kElems; ++e) o[e] += weight * vc[e];
       }
       acc_t lse = (m + log2_(denom)) * kLn2<acc_t>;
-      acc_t factor = acc_t(1) / denom;
+      acc_t factor = reciprocal_(denom);
       scalar_t* out_row = out_rows + t * row;
       if (!live) {
         factor = 0;
