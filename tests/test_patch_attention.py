@@ -145,6 +145,28 @@ def test_large_random(device, generator, direction):
     assert_matches_reference(q, k, v, lengths, 2, direction, generator, scale=0.3, grad_tolerance=4)
 
 
+def one_byte_patches_with_gaps(batch, num_bytes, gaps):
+    """Lengths [B, P]: one-byte patches over num_bytes + 1 positions, with a zero-length patch
+    inserted before each index in ``gaps`` (so patch indices, and the ends' scan, pass them)."""
+    row = [1] * (num_bytes + 1)
+    for index in sorted(gaps, reverse=True):
+        row.insert(index, 0)
+    return torch.tensor([row] * batch)
+
+
+@pytest.mark.parametrize("direction", DIRECTIONS)
+def test_thousands_of_patches(device, generator, direction):
+    """Over 4,096 patches per row: the CUDA ends' scan runs several 2,048-patch tiles, with
+    zero-length patches on and beside the tile boundaries."""
+    num_bytes = 4200
+    lengths = one_byte_patches_with_gaps(1, num_bytes, [700, 2047, 2048, 4096])
+    q, k, v, lengths = attention_inputs(
+        1, num_bytes, 1, 8, 1, direction, patch_lengths=lengths, device=device,
+        generator=generator, requires_grad=True,
+    )
+    assert_matches_reference(q, k, v, lengths, 1, direction, generator)
+
+
 def explicit_attention(q, k, v, lengths, slots, direction, scale):
     """Per-row attention following BLT_SPEC.md d/f literally, in float64, no masks."""
     q, k, v = (x.detach().cpu().double() for x in (q, k, v))

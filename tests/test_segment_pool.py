@@ -93,6 +93,19 @@ def test_random_shapes(device, generator, reduce):
 
 
 @pytest.mark.parametrize("reduce", REDUCTIONS)
+def test_thousands_of_patches(device, generator, reduce):
+    """Over 4,096 patches per row: the CUDA ends' scan runs several 2,048-patch tiles, with
+    zero-length patches on and beside the tile boundaries."""
+    num_bytes = 4200
+    row = [1] * (num_bytes + 1)
+    for index in (4096, 2048, 2047, 700):
+        row.insert(index, 0)
+    lengths = torch.tensor([row, row[::-1]], device=device)
+    x = torch.randn(2, num_bytes, 8, generator=generator).to(device)
+    check_against_reference(x, lengths, reduce, generator)
+
+
+@pytest.mark.parametrize("reduce", REDUCTIONS)
 def test_empty_sequence(device, reduce):
     x = torch.empty(2, 0, 8, device=device, requires_grad=True)
     lengths = torch.tensor(

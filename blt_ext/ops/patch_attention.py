@@ -50,11 +50,14 @@ def _setup_context(ctx, inputs, output):
     q, k, v, patch_lengths, slots, direction, scale = inputs
     out, lse = output
     ctx.mark_non_differentiable(lse)
+    ctx.set_materialize_grads(False)  # lse has no gradient: no zeros tensor filled for it
     ctx.save_for_backward(q, k, v, out, lse, patch_lengths)
     ctx.slots, ctx.direction, ctx.scale = slots, direction, scale
 
 
 def _backward(ctx, grad_out, grad_lse):
+    if grad_out is None:  # only lse was used, and lse has no gradient
+        return None, None, None, None, None, None, None
     q, k, v, out, lse, patch_lengths = ctx.saved_tensors
     dq, dk, dv = torch.ops.blt_ext.patch_cross_attention_backward(
         grad_out.contiguous(), q, k, v, out, lse, patch_lengths, ctx.slots, ctx.direction, ctx.scale

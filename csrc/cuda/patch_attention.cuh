@@ -19,7 +19,7 @@
 // 40-64), where the shuffles and lane arithmetic are unrolled: at BLT-1B shapes the kernels use
 // 58-66% of the SM's issue slots (ncu), so instructions count as well as loads in flight.
 //
-// Patch offsets come from at::cumsum of the lengths on the device (no host synchronisation);
+// Patch offsets come from patch_ends of the lengths on the device (no host synchronisation);
 // the decoder range of p ends where the next non-empty patch ends (a binary search over the
 // ends, only needed after zero-length patches). Lengths are not validated on CUDA (that needs
 // the data on the host): every range is clamped to [0, T], so bad lengths never make a kernel
@@ -41,6 +41,7 @@
 #include <type_traits>
 
 #include "common/patch_attention.h"
+#include "patch_ends.cuh"
 #include "widen.cuh"
 
 namespace blt_ext::cuda::patch_attention_kernels {

@@ -1,7 +1,6 @@
 // Patch cross-attention on CUDA, backward: the encoder and decoder backward kernels and the op that
 // launches them (the design: patch_attention.cuh).
 #include <ATen/Dispatch.h>
-#include <ATen/ops/cumsum.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -254,7 +253,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> patch_cross_attention_backward(
   patch_attention::check_backward_inputs(grad_output, output, lse, q, s, op);
   const c10::cuda::CUDAGuard guard(q.device());
   const auto lengths = patch_lengths.contiguous();
-  const auto ends = at::cumsum(lengths, 1);
+  const auto ends = patch_ends(lengths);
   auto dq = at::empty_like(q);
   auto dk = at::empty_like(k);
   auto dv = at::empty_like(v);

@@ -1,7 +1,6 @@
 // Patch cross-attention on CUDA, forward: the encoder and decoder forward kernels and the op that
 // launches them (the design: patch_attention.cuh).
 #include <ATen/Dispatch.h>
-#include <ATen/ops/cumsum.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -233,7 +232,7 @@ std::tuple<at::Tensor, at::Tensor> patch_cross_attention(const at::Tensor& q, co
   const AttentionShape s = patch_attention::check_inputs(q, k, v, patch_lengths, slots, direction, op);
   const c10::cuda::CUDAGuard guard(q.device());
   const auto lengths = patch_lengths.contiguous();
-  const auto ends = at::cumsum(lengths, 1);
+  const auto ends = patch_ends(lengths);
   auto out = at::empty_like(q);
   auto lse = at::empty({s.batch, s.heads, s.queries}, q.options().dtype(patch_attention::lse_dtype(q)));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "patch_cross_attention", [&] {

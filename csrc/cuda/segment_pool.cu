@@ -1,16 +1,15 @@
 // Segment pooling of byte states into patches (BLT_SPEC.md d, patch representation init), CUDA.
 //
-// Patch ends come from an inclusive cumsum of the lengths on the device (no host sync). One block
-// covers one row's group of patches: threadIdx.y picks the patch, threadIdx.x a 16-byte chunk of
-// features (8 bf16/fp16, 4 fp32, 2 fp64; one feature when D or a pointer does not allow vectors),
-// and each thread loops over its patch's bytes. Length values are not checked here (that would need
-// a host sync): patches are clipped to [0, T), so bad lengths never make a kernel read or write out
-// of bounds; the backward zero-fills bytes after the last patch, while bytes left in a hole between
-// patches by such lengths get an unspecified gradient.
+// Patch ends come from patch_ends (the lengths' inclusive scan on the device, no host sync). One
+// block covers one row's group of patches: threadIdx.y picks the patch, threadIdx.x a 16-byte chunk
+// of features (8 bf16/fp16, 4 fp32, 2 fp64; one feature when D or a pointer does not allow
+// vectors), and each thread loops over its patch's bytes. Length values are not checked here (that
+// would need a host sync): patches are clipped to [0, T), so bad lengths never make a kernel read
+// or write out of bounds; the backward zero-fills bytes after the last patch, while bytes left in a
+// hole between patches by such lengths get an unspecified gradient.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/cumsum.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -23,6 +22,7 @@
 
 #include "blt_ext.h"
 #include "common/segment_pool.h"
+#include "patch_ends.cuh"
 
 namespace blt_ext::cuda {
 namespace {
@@ -204,7 +204,7 @@ std::tuple<at::Tensor, at::Tensor> segment_pool(const at::Tensor& x, const at::T
                              x.options().dtype(at::kInt));
   if (out.numel() == 0) return {out, arg_index};
   const auto lengths = patch_lengths.contiguous();
-  const auto ends = at::cumsum(lengths, 1);
+  const auto ends = patch_ends(lengths);
   const auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "segment_pool", [&] {
     int32_t* arg = r == PoolReduce::Mean ? nullptr : arg_index.mutable_data_ptr<int32_t>();
@@ -241,7 +241,7 @@ at::Tensor segment_pool_backward(const at::Tensor& grad_output, const at::Tensor
   auto grad_x = at::empty({B, num_bytes, D}, grad_output.options());
   if (grad_x.numel() == 0) return grad_x;
   const auto lengths = patch_lengths.contiguous();
-  const auto ends = at::cumsum(lengths, 1);
+  const auto ends = patch_ends(lengths);
   const auto stream = c10::cuda::getCurrentCUDAStream();
   const bool mean = r == PoolReduce::Mean;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_output.scalar_type(), "segment_pool_backward", [&] {
