@@ -128,11 +128,13 @@ __global__ void __launch_bounds__(kWarp* kWarpsPerBlock, min_blocks<scalar_t, C>
 // Decoder backward: dq of the bytes that read patch p (summed over chunks), dk/dv of its slots.
 // D_t = dO_t · O_t is summed as sum_r P_tr (dO_t · v_r) over all slots instead of read from the
 // rounded output O: a slot's dk and dv add up the bytes of a whole (possibly long) patch. Multi:
-// the slots come in several chunks, and D_t also visits the slots outside this one.
+// the slots come in several chunks, and D_t also visits the slots outside this one. U bytes a
+// step: the loop waits on its q/dO loads (ncu: half the stall cycles at one byte a step), and two
+// bytes in flight outweigh the fifth block per SM that the extra registers cost.
 template <typename scalar_t, int C, bool Multi, int kGroup>
-__global__ void __launch_bounds__(kWarp* kWarpsPerBlock, min_blocks<scalar_t, C>(5)) decoder_backward_kernel(const Args<scalar_t> a) {
+__global__ void __launch_bounds__(kWarp* kWarpsPerBlock, min_blocks<scalar_t, C>(4)) decoder_backward_kernel(const Args<scalar_t> a) {
   using acc_t = at::opmath_type<scalar_t>;
-  constexpr int U = 1;
+  constexpr int U = C <= 2 ? 2 : 1;
   const int G = kGroup > 0 ? kGroup : a.group;
   const bool vec = kGroup > 0 || a.vec;
   Lane l;
