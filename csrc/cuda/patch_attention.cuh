@@ -228,21 +228,29 @@ __device__ __forceinline__ int chunk_slots(const Args<scalar_t>& a) {
   return left < C ? static_cast<int>(left) : C;
 }
 
-// Where this lane sits. A warp covers one (b, p) and a group of `heads_per_warp` heads; a head
-// row takes `group` lanes, 8 elements each (16-byte loads for 16-bit types). The lanes left over
-// form `subs` sub-groups per head, which split the patch's byte range and merge.
+// Where this lane sits, and what every kernel derives from it. A warp covers one (b, p) and a
+// group of `heads_per_warp` heads; a head row takes `group` lanes, 8 elements each (16-byte loads
+// for 16-bit types). The lanes left over form `subs` sub-groups per head, which split the patch's
+// byte range and merge.
 struct Lane {
   int64_t b, p, h, bp;
+  int64_t row;  // elements per byte or slot row: H * Dh
   int lane, sub, subs, off;
+  int group;    // lanes per head row: kGroup where the kernel is compiled for it (a constant)
+  int nslot;    // slot rows of this launch's chunk
   int dh;       // Dh, or 0 for a lane whose head is past H: it loads zeros and stores nothing
+  bool vec;     // 16-byte loads and stores (always with kGroup)
   bool leader;  // first lane of an existing head row: writes the row's scalars
 };
 
 // The host checks B * P * head_groups < 2^31, so the warp coordinates are 32-bit and divide by
 // multiplying with the host's magic numbers; the lane group and heads per warp are powers of two,
 // so the lane's place takes shifts and masks.
-template <typename scalar_t>
-__device__ __forceinline__ bool make_lane(const Args<scalar_t>& a, Lane& l, int group) {
+template <int kGroup, int C, typename scalar_t>
+__device__ __forceinline__ bool make_lane(const Args<scalar_t>& a, Lane& l) {
+  const int group = kGroup > 0 ? kGroup : a.group;
+  l.group = group;
+  l.vec = kGroup > 0 || a.vec;
   const uint32_t warp = blockIdx.x * kWarpsPerBlock + threadIdx.x / kWarp;
   if (warp >= a.warps) return false;
   const auto bp_group = a.per_head_groups.divmod(warp);
@@ -259,6 +267,8 @@ __device__ __forceinline__ bool make_lane(const Args<scalar_t>& a, Lane& l, int 
   l.off = (l.lane & (group - 1)) * kElems;
   l.dh = l.h < a.heads ? static_cast<int>(a.head_dim) : 0;
   l.leader = l.dh > 0 && (l.lane & (group - 1)) == 0;
+  l.row = a.heads * a.head_dim;
+  l.nslot = chunk_slots<C>(a);
   return true;
 }
 

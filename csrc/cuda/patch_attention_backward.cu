@@ -22,17 +22,12 @@ template <typename scalar_t, int C, int kGroup>
 __global__ void __launch_bounds__(kWarp* kWarpsPerBlock, min_blocks<scalar_t, C>(5)) encoder_backward_kernel(const Args<scalar_t> a) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int U = C <= 2 ? 2 : 1;
-  const int G = kGroup > 0 ? kGroup : a.group;
-  const bool vec = kGroup > 0 || a.vec;
   Lane l;
-  if (!make_lane(a, l, G)) return;
-  const int R = l.subs, dh = l.dh;
-  const int64_t row = a.heads * a.head_dim;
-  const int nslot = chunk_slots<C>(a);
+  if (!make_lane<kGroup, C>(a, l)) return;
   const int64_t first_query = l.p * a.slots + a.chunk_begin;
-  const int64_t q_base = (l.b * a.queries + first_query) * row + l.h * a.head_dim;
-  const scalar_t* k_rows = a.k + l.b * a.keys * row + l.h * a.head_dim;
-  const scalar_t* v_rows = a.v + l.b * a.keys * row + l.h * a.head_dim;
+  const int64_t q_base = (l.b * a.queries + first_query) * l.row + l.h * a.head_dim;
+  const scalar_t* k_rows = a.k + l.b * a.keys * l.row + l.h * a.head_dim;
+  const scalar_t* v_rows = a.v + l.b * a.keys * l.row + l.h * a.head_dim;
   const acc_t* lse_rows = a.lse + (l.b * a.heads + l.h) * a.queries + first_query;
   const acc_t qscale = a.scale * kLog2e<acc_t>;
   const bool add = a.chunk_begin > 0;
@@ -42,19 +37,19 @@ __global__ void __launch_bounds__(kWarp* kWarpsPerBlock, min_blocks<scalar_t, C>
   acc_t dqf[C][kElems], lse2[C], delta[C];
 #pragma unroll
   for (int r = 0; r < C; ++r) {
-    const int n = r < nslot ? dh : 0;  // rows past the chunk are zeros: they add nothing
+    const int n = r < l.nslot ? l.dh : 0;  // rows past the chunk are zeros: they add nothing
     Packed<scalar_t> op;
-    load_packed(qp[r], a.q + q_base + r * row, l.off, n, vec);
-    load_packed(dop[r], a.grad_output + q_base + r * row, l.off, n, vec);
-    load_packed(op, a.output + q_base + r * row, l.off, n, vec);
+    load_packed(qp[r], a.q + q_base + r * l.row, l.off, n, l.vec);
+    load_packed(dop[r], a.grad_output + q_base + r * l.row, l.off, n, l.vec);
+    load_packed(op, a.output + q_base + r * l.row, l.off, n, l.vec);
     lse2[r] = n > 0 ? lse_rows[r] * kLog2e<acc_t> : acc_t(0);
-    delta[r] = group_sum(dot<acc_t>(dop[r], op), G);
+    delta[r] = group_sum(dot<acc_t>(dop[r], op), l.group);
 #pragma unroll
     for (int e = 0; e < kElems; ++e) dqf[r][e] = 0;
   }
   const ByteRange range = encoder_range(a, l.bp);
 
-  for (int64_t base = range.begin; base < range.end; base += U * R) {
+  for (int64_t base = range.begin; base < range.end; base += U * l.subs) {
 #pragma unroll
     for (int r = 0; r < C; ++r) {
       opaque(qp[r]);
@@ -63,10 +58,10 @@ __global__ void __launch_bounds__(kWarp* kWarpsPerBlock, min_blocks<scalar_t, C>
     Packed<scalar_t> kp[U], vp[U];
 #pragma unroll
     for (int u = 0; u < U; ++u) {
-      const int64_t i = base + u * R + l.sub;
-      const int n = i < range.end ? dh : 0;
-      load_packed(kp[u], k_rows + i * row, l.off, n, vec);
-      load_packed(vp[u], v_rows + i * row, l.off, n, vec);
+      const int64_t i = base + u * l.subs + l.sub;
+      const int n = i < range.end ? l.dh : 0;
+      load_packed(kp[u], k_rows + i * l.row, l.off, n, l.vec);
+      load_packed(vp[u], v_rows + i * l.row, l.off, n, l.vec);
     }
     acc_t prob[C][U], ds[C][U];
 #pragma unroll
@@ -74,10 +69,10 @@ __global__ void __launch_bounds__(kWarp* kWarpsPerBlock, min_blocks<scalar_t, C>
 #pragma unroll
       for (int u = 0; u < U; ++u) {
         prob[r][u] = ds[r][u] = 0;
-        if (r >= nslot) continue;
-        const acc_t s = group_sum(dot<acc_t>(qp[r], kp[u]), G);
-        const acc_t dp = group_sum(dot<acc_t>(dop[r], vp[u]), G);
-        if (base + u * R + l.sub >= range.end) continue;
+        if (r >= l.nslot) continue;
+        const acc_t s = group_sum(dot<acc_t>(qp[r], kp[u]), l.group);
+        const acc_t dp = group_sum(dot<acc_t>(dop[r], vp[u]), l.group);
+        if (base + u * l.subs + l.sub >= range.end) continue;
         prob[r][u] = exp2_(s * qscale - lse2[r]);
         ds[r][u] = prob[r][u] * (dp - delta[r]);
       }
@@ -94,7 +89,7 @@ __global__ void __launch_bounds__(kWarp* kWarpsPerBlock, min_blocks<scalar_t, C>
     }
 #pragma unroll
     for (int u = 0; u < U; ++u) {
-      const int64_t i = base + u * R + l.sub;
+      const int64_t i = base + u * l.subs + l.sub;
       if (i >= range.end) continue;
       acc_t dkf[kElems] = {}, dvf[kElems] = {};
 #pragma unroll
@@ -108,11 +103,11 @@ __global__ void __launch_bounds__(kWarp* kWarpsPerBlock, min_blocks<scalar_t, C>
           dvf[e] += prob[r][u] * doc[e];
         }
       }
-      store_chunk(a.dk + (l.b * a.keys + i) * row + l.h * a.head_dim, dkf, a.scale, l.off, dh, vec, add);
-      store_chunk(a.dv + (l.b * a.keys + i) * row + l.h * a.head_dim, dvf, acc_t(1), l.off, dh, vec, add);
+      store_chunk(a.dk + (l.b * a.keys + i) * l.row + l.h * a.head_dim, dkf, a.scale, l.off, l.dh, l.vec, add);
+      store_chunk(a.dv + (l.b * a.keys + i) * l.row + l.h * a.head_dim, dvf, acc_t(1), l.off, l.dh, l.vec, add);
     }
   }
-  for (int o = G * a.heads_per_warp; o < kWarp; o <<= 1) {
+  for (int o = l.group * a.heads_per_warp; o < kWarp; o <<= 1) {
 #pragma unroll
     for (int r = 0; r < C; ++r) {
 #pragma unroll
@@ -121,7 +116,9 @@ __global__ void __launch_bounds__(kWarp* kWarpsPerBlock, min_blocks<scalar_t, C>
   }
 #pragma unroll
   for (int r = 0; r < C; ++r) {
-    if (r < nslot && r % R == l.sub) store_chunk(a.dq + q_base + r * row, dqf[r], a.scale, l.off, dh, vec, false);
+    if (r < l.nslot && r % l.subs == l.sub) {
+      store_chunk(a.dq + q_base + r * l.row, dqf[r], a.scale, l.off, l.dh, l.vec, false);
+    }
   }
 }
 
@@ -135,15 +132,10 @@ template <typename scalar_t, int C, bool Multi, int kGroup>
 __global__ void __launch_bounds__(kWarp* kWarpsPerBlock, min_blocks<scalar_t, C>(4)) decoder_backward_kernel(const Args<scalar_t> a) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int U = C <= 2 ? 2 : 1;
-  const int G = kGroup > 0 ? kGroup : a.group;
-  const bool vec = kGroup > 0 || a.vec;
   Lane l;
-  if (!make_lane(a, l, G)) return;
-  const int R = l.subs, dh = l.dh;
-  const int64_t row = a.heads * a.head_dim;
-  const int nslot = chunk_slots<C>(a);
-  const int64_t patch_base = (l.b * a.keys + l.p * a.slots) * row + l.h * a.head_dim;
-  const int64_t k_base = patch_base + a.chunk_begin * row;
+  if (!make_lane<kGroup, C>(a, l)) return;
+  const int64_t patch_base = (l.b * a.keys + l.p * a.slots) * l.row + l.h * a.head_dim;
+  const int64_t k_base = patch_base + a.chunk_begin * l.row;
   const acc_t qscale = a.scale * kLog2e<acc_t>;
   const bool add = a.chunk_begin > 0;
 
@@ -151,17 +143,17 @@ __global__ void __launch_bounds__(kWarp* kWarpsPerBlock, min_blocks<scalar_t, C>
   acc_t dkf[C][kElems], dvf[C][kElems];
 #pragma unroll
   for (int r = 0; r < C; ++r) {
-    const int n = r < nslot ? dh : 0;
-    load_packed(kp[r], a.k + k_base + r * row, l.off, n, vec);
-    load_packed(vp[r], a.v + k_base + r * row, l.off, n, vec);
+    const int n = r < l.nslot ? l.dh : 0;
+    load_packed(kp[r], a.k + k_base + r * l.row, l.off, n, l.vec);
+    load_packed(vp[r], a.v + k_base + r * l.row, l.off, n, l.vec);
 #pragma unroll
     for (int e = 0; e < kElems; ++e) dkf[r][e] = dvf[r][e] = 0;
   }
   const ByteRange range = decoder_range(a, l.bp, l.p);  // after the slot loads: they overlap
-  const int64_t q_base = l.b * a.queries * row + l.h * a.head_dim;
+  const int64_t q_base = l.b * a.queries * l.row + l.h * a.head_dim;
   const acc_t* lse_row = a.lse + (l.b * a.heads + l.h) * a.queries;
 
-  for (int64_t base = range.begin; base < range.end; base += U * R) {
+  for (int64_t base = range.begin; base < range.end; base += U * l.subs) {
 #pragma unroll
     for (int r = 0; r < C; ++r) {
       opaque(kp[r]);
@@ -171,42 +163,42 @@ __global__ void __launch_bounds__(kWarp* kWarpsPerBlock, min_blocks<scalar_t, C>
     acc_t lse2[U];
 #pragma unroll
     for (int u = 0; u < U; ++u) {
-      const int64_t t = base + u * R + l.sub;
-      const int n = t < range.end ? dh : 0;
-      load_packed(qp[u], a.q + q_base + t * row, l.off, n, vec);
-      load_packed(dop[u], a.grad_output + q_base + t * row, l.off, n, vec);
+      const int64_t t = base + u * l.subs + l.sub;
+      const int n = t < range.end ? l.dh : 0;
+      load_packed(qp[u], a.q + q_base + t * l.row, l.off, n, l.vec);
+      load_packed(dop[u], a.grad_output + q_base + t * l.row, l.off, n, l.vec);
       lse2[u] = n > 0 && t >= range.live ? lse_row[t] * kLog2e<acc_t> : acc_t(0);
     }
     acc_t prob[U][C], dp[U][C], delta[U];
 #pragma unroll
     for (int u = 0; u < U; ++u) {
-      const int64_t t = base + u * R + l.sub;
+      const int64_t t = base + u * l.subs + l.sub;
       const bool live = t < range.end && t >= range.live;
       delta[u] = 0;
 #pragma unroll
       for (int r = 0; r < C; ++r) {
         prob[u][r] = dp[u][r] = 0;
-        if (r >= nslot) continue;
-        const acc_t s = group_sum(dot<acc_t>(qp[u], kp[r]), G);
-        dp[u][r] = group_sum(dot<acc_t>(dop[u], vp[r]), G);
+        if (r >= l.nslot) continue;
+        const acc_t s = group_sum(dot<acc_t>(qp[u], kp[r]), l.group);
+        dp[u][r] = group_sum(dot<acc_t>(dop[u], vp[r]), l.group);
         if (live) prob[u][r] = exp2_(s * qscale - lse2[u]);
         delta[u] += prob[u][r] * dp[u][r];
       }
       if constexpr (Multi) {
         for (int64_t r = 0; r < a.slots; ++r) {
-          if (r >= a.chunk_begin && r < a.chunk_begin + nslot) continue;
+          if (r >= a.chunk_begin && r < a.chunk_begin + l.nslot) continue;
           Packed<scalar_t> ko, vo;
-          load_packed(ko, a.k + patch_base + r * row, l.off, dh, vec);
-          load_packed(vo, a.v + patch_base + r * row, l.off, dh, vec);
-          const acc_t so = group_sum(dot<acc_t>(qp[u], ko), G);
-          const acc_t dpo = group_sum(dot<acc_t>(dop[u], vo), G);
+          load_packed(ko, a.k + patch_base + r * l.row, l.off, l.dh, l.vec);
+          load_packed(vo, a.v + patch_base + r * l.row, l.off, l.dh, l.vec);
+          const acc_t so = group_sum(dot<acc_t>(qp[u], ko), l.group);
+          const acc_t dpo = group_sum(dot<acc_t>(dop[u], vo), l.group);
           if (live) delta[u] += exp2_(so * qscale - lse2[u]) * dpo;
         }
       }
     }
 #pragma unroll
     for (int u = 0; u < U; ++u) {
-      const int64_t t = base + u * R + l.sub;
+      const int64_t t = base + u * l.subs + l.sub;
       if (t >= range.end || (add && t < range.live)) continue;
       acc_t dqf[kElems] = {}, qc[kElems], doc[kElems];
       unpack(qc, qp[u]);
@@ -223,10 +215,10 @@ __global__ void __launch_bounds__(kWarp* kWarpsPerBlock, min_blocks<scalar_t, C>
           dvf[r][e] += prob[u][r] * doc[e];
         }
       }
-      store_chunk(a.dq + q_base + t * row, dqf, a.scale, l.off, dh, vec, add);
+      store_chunk(a.dq + q_base + t * l.row, dqf, a.scale, l.off, l.dh, l.vec, add);
     }
   }
-  for (int o = G * a.heads_per_warp; o < kWarp; o <<= 1) {
+  for (int o = l.group * a.heads_per_warp; o < kWarp; o <<= 1) {
 #pragma unroll
     for (int r = 0; r < C; ++r) {
 #pragma unroll
@@ -238,9 +230,9 @@ __global__ void __launch_bounds__(kWarp* kWarpsPerBlock, min_blocks<scalar_t, C>
   }
 #pragma unroll
   for (int r = 0; r < C; ++r) {
-    if (r >= nslot || r % R != l.sub) continue;
-    store_chunk(a.dk + k_base + r * row, dkf[r], a.scale, l.off, dh, vec, false);
-    store_chunk(a.dv + k_base + r * row, dvf[r], acc_t(1), l.off, dh, vec, false);
+    if (r >= l.nslot || r % l.subs != l.sub) continue;
+    store_chunk(a.dk + k_base + r * l.row, dkf[r], a.scale, l.off, l.dh, l.vec, false);
+    store_chunk(a.dv + k_base + r * l.row, dvf[r], acc_t(1), l.off, l.dh, l.vec, false);
   }
 }
 

@@ -23,24 +23,19 @@ template <typename scalar_t, int C, int kGroup>
 __global__ void __launch_bounds__(kWarp* kWarpsPerBlock, min_blocks<scalar_t, C>(5)) encoder_forward_kernel(const Args<scalar_t> a) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int U = C <= 2 ? 4 : 2;
-  const int G = kGroup > 0 ? kGroup : a.group;
-  const bool vec = kGroup > 0 || a.vec;
   Lane l;
-  if (!make_lane(a, l, G)) return;
-  const int R = l.subs, dh = l.dh;
-  const int64_t row = a.heads * a.head_dim;
-  const int nslot = chunk_slots<C>(a);
+  if (!make_lane<kGroup, C>(a, l)) return;
   const int64_t first_query = l.p * a.slots + a.chunk_begin;
-  const scalar_t* q_rows = a.q + (l.b * a.queries + first_query) * row + l.h * a.head_dim;
-  const scalar_t* k_rows = a.k + l.b * a.keys * row + l.h * a.head_dim;
-  const scalar_t* v_rows = a.v + l.b * a.keys * row + l.h * a.head_dim;
+  const scalar_t* q_rows = a.q + (l.b * a.queries + first_query) * l.row + l.h * a.head_dim;
+  const scalar_t* k_rows = a.k + l.b * a.keys * l.row + l.h * a.head_dim;
+  const scalar_t* v_rows = a.v + l.b * a.keys * l.row + l.h * a.head_dim;
   const acc_t qscale = a.scale * kLog2e<acc_t>;  // scores in log2 units: exp2 is one instruction
 
   // The slot rows' loads go out with the patch bounds' (they do not depend on them), so a warp
   // waits for two memory round trips before its first byte's score, not three.
   Packed<scalar_t> qp[C];
 #pragma unroll
-  for (int r = 0; r < C; ++r) load_packed(qp[r], q_rows + r * row, l.off, r < nslot ? dh : 0, vec);
+  for (int r = 0; r < C; ++r) load_packed(qp[r], q_rows + r * l.row, l.off, r < l.nslot ? l.dh : 0, l.vec);
   const ByteRange range = encoder_range(a, l.bp);
   acc_t acc[C][kElems], m[C], denom[C];
 #pragma unroll
@@ -51,25 +46,25 @@ __global__ void __launch_bounds__(kWarp* kWarpsPerBlock, min_blocks<scalar_t, C>
     denom[r] = 0;
   }
 
-  for (int64_t base = range.begin; base < range.end; base += U * R) {
+  for (int64_t base = range.begin; base < range.end; base += U * l.subs) {
 #pragma unroll
     for (int r = 0; r < C; ++r) opaque(qp[r]);
     Packed<scalar_t> kp[U], vp[U];
 #pragma unroll
     for (int u = 0; u < U; ++u) {
-      const int64_t i = base + u * R + l.sub;
-      const int n = i < range.end ? dh : 0;  // past the patch: zeros, masked below
-      load_packed(kp[u], k_rows + i * row, l.off, n, vec);
-      load_packed(vp[u], v_rows + i * row, l.off, n, vec);
+      const int64_t i = base + u * l.subs + l.sub;
+      const int n = i < range.end ? l.dh : 0;  // past the patch: zeros, masked below
+      load_packed(kp[u], k_rows + i * l.row, l.off, n, l.vec);
+      load_packed(vp[u], v_rows + i * l.row, l.off, n, l.vec);
     }
 #pragma unroll
     for (int r = 0; r < C; ++r) {
-      if (r >= nslot) continue;
+      if (r >= l.nslot) continue;
       acc_t s[U], m_new = m[r];
 #pragma unroll
       for (int u = 0; u < U; ++u) {
-        s[u] = group_sum(dot<acc_t>(qp[r], kp[u]), G) * qscale;
-        if (base + u * R + l.sub >= range.end) s[u] = neg_inf<acc_t>();
+        s[u] = group_sum(dot<acc_t>(qp[r], kp[u]), l.group) * qscale;
+        if (base + u * l.subs + l.sub >= range.end) s[u] = neg_inf<acc_t>();
         m_new = max(m_new, s[u]);
       }
       // A sub-group may have seen no byte yet (m_new = -inf): all its weights are then 0.
@@ -91,10 +86,10 @@ __global__ void __launch_bounds__(kWarp* kWarpsPerBlock, min_blocks<scalar_t, C>
     }
   }
   // Merge the sub-groups' partial softmax states (butterfly: every sub-group ends with the total).
-  for (int o = G * a.heads_per_warp; o < kWarp; o <<= 1) {
+  for (int o = l.group * a.heads_per_warp; o < kWarp; o <<= 1) {
 #pragma unroll
     for (int r = 0; r < C; ++r) {
-      if (r >= nslot) continue;
+      if (r >= l.nslot) continue;
       const acc_t m_other = __shfl_xor_sync(kFullMask, m[r], o);
       const acc_t d_other = __shfl_xor_sync(kFullMask, denom[r], o);
       acc_t acc_other[kElems];
@@ -109,13 +104,13 @@ __global__ void __launch_bounds__(kWarp* kWarpsPerBlock, min_blocks<scalar_t, C>
       m[r] = m_new;
     }
   }
-  scalar_t* out_rows = a.out + (l.b * a.queries + first_query) * row + l.h * a.head_dim;
+  scalar_t* out_rows = a.out + (l.b * a.queries + first_query) * l.row + l.h * a.head_dim;
   acc_t* lse_rows = a.lse + (l.b * a.heads + l.h) * a.queries + first_query;
 #pragma unroll
   for (int r = 0; r < C; ++r) {
-    if (r >= nslot || r % R != l.sub) continue;
+    if (r >= l.nslot || r % l.subs != l.sub) continue;
     const bool any = denom[r] > 0;  // an empty patch: out 0, lse -inf
-    store_chunk(out_rows + r * row, acc[r], any ? reciprocal_(denom[r]) : acc_t(0), l.off, dh, vec, false);
+    store_chunk(out_rows + r * l.row, acc[r], any ? reciprocal_(denom[r]) : acc_t(0), l.off, l.dh, l.vec, false);
     if (l.leader) lse_rows[r] = any ? (m[r] + log2_(denom[r])) * kLn2<acc_t> : neg_inf<acc_t>();
   }
 }
@@ -128,14 +123,9 @@ template <typename scalar_t, int C, bool Multi, int kGroup>
 __global__ void __launch_bounds__(kWarp* kWarpsPerBlock, min_blocks<scalar_t, C>(kGroup > 0 ? 7 : 6)) decoder_forward_kernel(const Args<scalar_t> a) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int U = 4;
-  const int G = kGroup > 0 ? kGroup : a.group;
-  const bool vec = kGroup > 0 || a.vec;
   Lane l;
-  if (!make_lane(a, l, G)) return;
-  const int R = l.subs, dh = l.dh;
-  const int64_t row = a.heads * a.head_dim;
-  const int nslot = chunk_slots<C>(a);
-  const int64_t k_base = (l.b * a.keys + l.p * a.slots + a.chunk_begin) * row + l.h * a.head_dim;
+  if (!make_lane<kGroup, C>(a, l)) return;
+  const int64_t k_base = (l.b * a.keys + l.p * a.slots + a.chunk_begin) * l.row + l.h * a.head_dim;
   const acc_t qscale = a.scale * kLog2e<acc_t>;
   const bool merge = Multi && a.chunk_begin > 0;
 
@@ -144,17 +134,17 @@ __global__ void __launch_bounds__(kWarp* kWarpsPerBlock, min_blocks<scalar_t, C>
   Packed<scalar_t> kp[C], vp[C];
 #pragma unroll
   for (int r = 0; r < C; ++r) {
-    const int n = r < nslot ? dh : 0;
-    load_packed(kp[r], a.k + k_base + r * row, l.off, n, vec);
-    load_packed(vp[r], a.v + k_base + r * row, l.off, n, vec);
+    const int n = r < l.nslot ? l.dh : 0;
+    load_packed(kp[r], a.k + k_base + r * l.row, l.off, n, l.vec);
+    load_packed(vp[r], a.v + k_base + r * l.row, l.off, n, l.vec);
   }
   const ByteRange range = decoder_range(a, l.bp, l.p);
   if (range.begin >= range.end) return;
-  const scalar_t* q_rows = a.q + l.b * a.queries * row + l.h * a.head_dim;
-  scalar_t* out_rows = a.out + l.b * a.queries * row + l.h * a.head_dim;
+  const scalar_t* q_rows = a.q + l.b * a.queries * l.row + l.h * a.head_dim;
+  scalar_t* out_rows = a.out + l.b * a.queries * l.row + l.h * a.head_dim;
   acc_t* lse_row = a.lse + (l.b * a.heads + l.h) * a.queries;
 
-  for (int64_t base = range.begin; base < range.end; base += U * R) {
+  for (int64_t base = range.begin; base < range.end; base += U * l.subs) {
 #pragma unroll
     for (int r = 0; r < C; ++r) {
       opaque(kp[r]);
@@ -164,9 +154,9 @@ __global__ void __launch_bounds__(kWarp* kWarpsPerBlock, min_blocks<scalar_t, C>
     acc_t prev_lse[U];
 #pragma unroll
     for (int u = 0; u < U; ++u) {
-      const int64_t t = base + u * R + l.sub;
-      const bool valid = t < range.end && dh > 0;
-      load_packed(qp[u], q_rows + t * row, l.off, valid ? dh : 0, vec);
+      const int64_t t = base + u * l.subs + l.sub;
+      const bool valid = t < range.end && l.dh > 0;
+      load_packed(qp[u], q_rows + t * l.row, l.off, valid ? l.dh : 0, l.vec);
       prev_lse[u] = merge && valid ? lse_row[t] : acc_t(0);
     }
     // Every lane of a row reads the earlier chunks' lse before its leader overwrites it.
@@ -175,23 +165,25 @@ __global__ void __launch_bounds__(kWarp* kWarpsPerBlock, min_blocks<scalar_t, C>
 #pragma unroll
     for (int u = 0; u < U; ++u) {
 #pragma unroll
-      for (int r = 0; r < C; ++r) s[u][r] = r < nslot ? group_sum(dot<acc_t>(qp[u], kp[r]), G) * qscale : acc_t(0);
+      for (int r = 0; r < C; ++r) {
+        s[u][r] = r < l.nslot ? group_sum(dot<acc_t>(qp[u], kp[r]), l.group) * qscale : acc_t(0);
+      }
     }
 #pragma unroll
     for (int u = 0; u < U; ++u) {
-      const int64_t t = base + u * R + l.sub;
+      const int64_t t = base + u * l.subs + l.sub;
       if (t >= range.end) continue;
       const bool live = t >= range.live;
       if (merge && !live) continue;  // the first chunk already wrote 0 and -inf
       acc_t m = neg_inf<acc_t>();
 #pragma unroll
       for (int r = 0; r < C; ++r) {
-        if (r < nslot) m = max(m, s[u][r]);
+        if (r < l.nslot) m = max(m, s[u][r]);
       }
       acc_t o[kElems] = {}, denom = 0;
 #pragma unroll
       for (int r = 0; r < C; ++r) {
-        if (r >= nslot) continue;
+        if (r >= l.nslot) continue;
         const acc_t weight = exp2_(s[u][r] - m);
         denom += weight;
         acc_t vc[kElems];
@@ -201,7 +193,7 @@ __global__ void __launch_bounds__(kWarp* kWarpsPerBlock, min_blocks<scalar_t, C>
       }
       acc_t lse = (m + log2_(denom)) * kLn2<acc_t>;
       acc_t factor = reciprocal_(denom);
-      scalar_t* out_row = out_rows + t * row;
+      scalar_t* out_row = out_rows + t * l.row;
       if (!live) {
         factor = 0;
         lse = neg_inf<acc_t>();
@@ -209,14 +201,14 @@ __global__ void __launch_bounds__(kWarp* kWarpsPerBlock, min_blocks<scalar_t, C>
         const acc_t top = max(prev_lse[u], lse);
         const acc_t total = top + log_(exp_(prev_lse[u] - top) + exp_(lse - top));
         acc_t prev[kElems];
-        load_chunk(prev, out_row, l.off, dh, vec);
+        load_chunk(prev, out_row, l.off, l.dh, l.vec);
         const acc_t w_prev = exp_(prev_lse[u] - total), w_this = exp_(lse - total) / denom;
 #pragma unroll
         for (int e = 0; e < kElems; ++e) o[e] = prev[e] * w_prev + o[e] * w_this;
         factor = 1;
         lse = total;
       }
-      store_chunk(out_row, o, factor, l.off, dh, vec, false);
+      store_chunk(out_row, o, factor, l.off, l.dh, l.vec, false);
       if (l.leader) lse_row[t] = lse;
     }
   }
