@@ -12,7 +12,11 @@ from blt_ext.reference.patch_attention import (
     encoder_patch_ids,
     masked_attention,
 )
-from blt_ext.testing import PATCH_LAYOUTS, TOLERANCES, assert_close_to_reference
+from blt_ext.testing import (
+    PATCH_LAYOUTS,
+    assert_close_to_reference,
+    one_byte_patches_with_gaps,
+)
 from blt_ext.testing.patch_attention import attention_inputs
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
@@ -143,15 +147,6 @@ def test_large_random(device, generator, direction):
     # float64 model of just that rounding, on three draws of this case, gives the same picture:
     # max |error| 0.050-0.053, 13-17 elements past twice the tolerance, none past four times.
     assert_matches_reference(q, k, v, lengths, 2, direction, generator, scale=0.3, grad_tolerance=4)
-
-
-def one_byte_patches_with_gaps(batch, num_bytes, gaps):
-    """Lengths [B, P]: one-byte patches over num_bytes + 1 positions, with a zero-length patch
-    inserted before each index in ``gaps`` (so patch indices, and the ends' scan, pass them)."""
-    row = [1] * (num_bytes + 1)
-    for index in sorted(gaps, reverse=True):
-        row.insert(index, 0)
-    return torch.tensor([row] * batch)
 
 
 @pytest.mark.parametrize("direction", DIRECTIONS)

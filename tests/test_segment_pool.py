@@ -5,7 +5,7 @@ import torch
 
 import blt_ext
 from blt_ext import ops, reference
-from blt_ext.testing import PATCH_LAYOUTS, assert_close_to_reference
+from blt_ext.testing import PATCH_LAYOUTS, assert_close_to_reference, one_byte_patches_with_gaps
 from blt_ext.testing.segment_pool import first_winner_grad, segment_pool_inputs
 
 REDUCTIONS = ("max", "mean", "min")
@@ -97,10 +97,8 @@ def test_thousands_of_patches(device, generator, reduce):
     """Over 4,096 patches per row: the CUDA ends' scan runs several 2,048-patch tiles, with
     zero-length patches on and beside the tile boundaries."""
     num_bytes = 4200
-    row = [1] * (num_bytes + 1)
-    for index in (4096, 2048, 2047, 700):
-        row.insert(index, 0)
-    lengths = torch.tensor([row, row[::-1]], device=device)
+    row = one_byte_patches_with_gaps(1, num_bytes, [700, 2047, 2048, 4096])
+    lengths = torch.cat([row, row.flip(1)]).to(device)
     x = torch.randn(2, num_bytes, 8, generator=generator).to(device)
     check_against_reference(x, lengths, reduce, generator)
 

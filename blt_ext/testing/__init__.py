@@ -100,3 +100,13 @@ def random_patch_lengths(
     for b, lengths in enumerate(rows):
         out[b, : len(lengths)] = torch.tensor(lengths, dtype=torch.long)
     return out
+
+
+def one_byte_patches_with_gaps(batch, num_bytes, gaps):
+    """Lengths [B, P]: one-byte patches over ``num_bytes + 1`` positions (the last holds the next
+    byte), with a zero-length patch inserted before each patch index in ``gaps``. Thousands of
+    patches a row, with empty ones where a test wants them (e.g. on a kernel's tile edges)."""
+    row = [1] * (num_bytes + 1)
+    for index in sorted(gaps, reverse=True):
+        row.insert(index, 0)
+    return torch.tensor([row] * batch)

@@ -1,6 +1,6 @@
 // Inclusive patch ends: one block per row scans the row's lengths in tiles of kEndsThreads *
-// kEndsItems (one tile for BLT's ~1,800 patches per 8 KB row). at::cumsum's row scan takes ~4.5 us
-// there (it steps through a long row 64 values at a time); this kernel is one short launch.
+// kEndsItems (one tile for BLT's ~1,800 patches per 8 KB row), where at::cumsum took 4.5 us a call
+// on the H200 (benchmarks/results/NOTES.md, fifth GPU session).
 #include <ATen/ops/empty_like.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAStream.h>
