@@ -13,9 +13,10 @@
 // neighbouring heads (Dh = 64: 4 heads, a 512-byte contiguous span of a byte's row), then, when
 // H is too small to fill the warp, sub-groups that take different bytes of the range and merge
 // at the end (online softmax / sums). Heads come first because a warp's set-up and merge cost as
-// much as several bytes of work at BLT's 4.5-byte patches. Each kernel step handles several bytes
-// of the range with all their loads issued before any use, so a warp keeps many independent loads
-// in flight. Every kernel is compiled for any G and for G = kFastGroup with 16-byte loads (Dh
+// much as several bytes of work at BLT's 4.5-byte patches. Each kernel step has several bytes of
+// the range in flight at once: the encoder kernels load U bytes' k/v rows into registers before
+// any use; the decoder kernels, whose byte rows are the bulk of their traffic, copy up to a whole
+// patch's q (and dO) rows into shared memory with cp.async first (staged_steps). Every kernel is compiled for any G and for G = kFastGroup with 16-byte loads (Dh
 // 40-64), where the shuffles and lane arithmetic are unrolled: at BLT-1B shapes the kernels use
 // 58-66% of the SM's issue slots (ncu), so instructions count as well as loads in flight.
 //
@@ -200,15 +201,72 @@ __device__ __forceinline__ void store_chunk(scalar_t* row, const acc_t (&x)[kEle
   }
 }
 
+template <typename acc_t>
+__device__ __forceinline__ acc_t dot(const acc_t (&x)[kElems], const acc_t (&y)[kElems]) {
+  acc_t s = 0;
+#pragma unroll
+  for (int i = 0; i < kElems; ++i) s += x[i] * y[i];
+  return s;
+}
+
 template <typename acc_t, typename scalar_t>
 __device__ __forceinline__ acc_t dot(const Packed<scalar_t>& a, const Packed<scalar_t>& b) {
   acc_t x[kElems], y[kElems];
   unpack(x, a);
   unpack(y, b);
-  acc_t s = 0;
+  return dot(x, y);
+}
+
+// Byte rows staged in shared memory (the decoder kernels). A warp copies the rows of up to a
+// step's worth of bytes into its own slots before it uses any: the copies are cp.async (sm_80+),
+// which hold no registers while in flight, so a warp keeps a whole typical patch's rows in flight
+// where registers held two to four bytes. Each lane reads back only the slots it wrote itself, so
+// cp.async.wait_group alone orders the copies before the reads (no warp or block barrier).
+constexpr int kStagedBytesPerWarp = 4096;  // per staged tensor: a 16-bit row chunk is 512 bytes
+
+// Bytes a step stages: one slot per lane and byte.
+template <typename scalar_t>
+constexpr int staged_steps() {
+  return kStagedBytesPerWarp / (kWarp * static_cast<int>(sizeof(Packed<scalar_t>)));
+}
+
+template <typename scalar_t>
+__device__ __forceinline__ void copy_async(void* slot, const void* source) {
+  static_assert(sizeof(scalar_t) == 4 || sizeof(scalar_t) == 8 || sizeof(scalar_t) == 16);
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  const auto address = static_cast<unsigned>(__cvta_generic_to_shared(slot));
+  if constexpr (sizeof(scalar_t) == 16) {  // .cg: bypass L1, as the rows are read once
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(address), "l"(source) : "memory");
+  } else {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], %2;\n" ::"r"(address), "l"(source), "n"(sizeof(scalar_t))
+                 : "memory");
+  }
+#else
+  *static_cast<scalar_t*>(slot) = *static_cast<const scalar_t*>(source);
+#endif
+}
+
+// Waits for this thread's cp.async copies.
+__device__ __forceinline__ void wait_copies() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.commit_group;\ncp.async.wait_group 0;\n" ::: "memory");
+#endif
+}
+
+// Copies this lane's elements of a row into its slot: cp.async on the vector path, else through
+// registers (zeros past Dh, as load_packed).
+template <typename scalar_t>
+__device__ __forceinline__ void stage_row(Packed<scalar_t>& slot, const scalar_t* row, int off, int dh, bool vec) {
+  if (vec && off < dh) {
 #pragma unroll
-  for (int i = 0; i < kElems; ++i) s += x[i] * y[i];
-  return s;
+    for (int i = 0; i < static_cast<int>(sizeof(slot) / 16); ++i) {
+      copy_async<uint4>(reinterpret_cast<uint4*>(slot.x) + i, reinterpret_cast<const uint4*>(row + off) + i);
+    }
+  } else {
+    Packed<scalar_t> p;
+    load_packed(p, row, off, dh, vec);
+    slot = p;
+  }
 }
 
 // Sum over the `group` lanes of a head row; every lane of the warp must call it. With a

@@ -125,13 +125,16 @@ __global__ void __launch_bounds__(kWarp* kWarpsPerBlock, min_blocks<scalar_t, C>
 // Decoder backward: dq of the bytes that read patch p (summed over chunks), dk/dv of its slots.
 // D_t = dO_t · O_t is summed as sum_r P_tr (dO_t · v_r) over all slots instead of read from the
 // rounded output O: a slot's dk and dv add up the bytes of a whole (possibly long) patch. Multi:
-// the slots come in several chunks, and D_t also visits the slots outside this one. U bytes a
-// step: the loop waits on its q/dO loads (ncu: half the stall cycles at one byte a step), and two
-// bytes in flight outweigh the fifth block per SM that the extra registers cost.
+// the slots come in several chunks, and D_t also visits the slots outside this one. A step stages
+// the q and dO rows and the lse of up to S bytes in shared memory (all copies in flight at once),
+// then takes the bytes one by one: the kernel waits on those rows (ncu: half the stall cycles when
+// registers held them, two bytes a step).
 template <typename scalar_t, int C, bool Multi, int kGroup>
 __global__ void __launch_bounds__(kWarp* kWarpsPerBlock, min_blocks<scalar_t, C>(4)) decoder_backward_kernel(const Args<scalar_t> a) {
   using acc_t = at::opmath_type<scalar_t>;
-  constexpr int U = C <= 2 ? 2 : 1;
+  constexpr int S = staged_steps<scalar_t>();
+  __shared__ Packed<scalar_t> staged_q[kWarpsPerBlock][S][kWarp], staged_do[kWarpsPerBlock][S][kWarp];
+  __shared__ acc_t staged_lse[kWarpsPerBlock][S][kWarp];
   Lane l;
   if (!make_lane<kGroup, C>(a, l)) return;
   const int64_t patch_base = (l.b * a.keys + l.p * a.slots) * l.row + l.h * a.head_dim;
@@ -152,37 +155,46 @@ __global__ void __launch_bounds__(kWarp* kWarpsPerBlock, min_blocks<scalar_t, C>
   const ByteRange range = decoder_range(a, l.bp, l.p);  // after the slot loads: they overlap
   const int64_t q_base = l.b * a.queries * l.row + l.h * a.head_dim;
   const acc_t* lse_row = a.lse + (l.b * a.heads + l.h) * a.queries;
+  const int warp = threadIdx.x / kWarp;
 
-  for (int64_t base = range.begin; base < range.end; base += U * l.subs) {
-#pragma unroll
-    for (int r = 0; r < C; ++r) {
-      opaque(kp[r]);
-      opaque(vp[r]);
-    }
-    Packed<scalar_t> qp[U], dop[U];
-    acc_t lse2[U];
-#pragma unroll
-    for (int u = 0; u < U; ++u) {
-      const int64_t t = base + u * l.subs + l.sub;
+  for (int64_t base = range.begin; base < range.end; base += S * l.subs) {
+    // Whole steps past the range are not staged; a lane past it within a step stages zeros.
+#pragma unroll 1
+    for (int j = 0; j < S && base + j * l.subs < range.end; ++j) {
+      const int64_t t = base + j * l.subs + l.sub;
       const int n = t < range.end ? l.dh : 0;
-      load_packed(qp[u], a.q + q_base + t * l.row, l.off, n, l.vec);
-      load_packed(dop[u], a.grad_output + q_base + t * l.row, l.off, n, l.vec);
-      lse2[u] = n > 0 && t >= range.live ? lse_row[t] * kLog2e<acc_t> : acc_t(0);
+      stage_row(staged_q[warp][j][l.lane], a.q + q_base + t * l.row, l.off, n, l.vec);
+      stage_row(staged_do[warp][j][l.lane], a.grad_output + q_base + t * l.row, l.off, n, l.vec);
+      if (n > 0 && t >= range.live) copy_async<acc_t>(&staged_lse[warp][j][l.lane], lse_row + t);
     }
-    acc_t prob[U][C], dp[U][C], delta[U];
-#pragma unroll
-    for (int u = 0; u < U; ++u) {
-      const int64_t t = base + u * l.subs + l.sub;
-      const bool live = t < range.end && t >= range.live;
-      delta[u] = 0;
+    wait_copies();
+#pragma unroll 1
+    for (int j = 0; j < S && base + j * l.subs < range.end; ++j) {
 #pragma unroll
       for (int r = 0; r < C; ++r) {
-        prob[u][r] = dp[u][r] = 0;
-        if (r >= l.nslot) continue;
-        const acc_t s = group_sum(dot<acc_t>(qp[u], kp[r]), l.group);
-        dp[u][r] = group_sum(dot<acc_t>(dop[u], vp[r]), l.group);
-        if (live) prob[u][r] = exp2_(s * qscale - lse2[u]);
-        delta[u] += prob[u][r] * dp[u][r];
+        opaque(kp[r]);
+        opaque(vp[r]);
+      }
+      const int64_t t = base + j * l.subs + l.sub;
+      const bool live = t < range.end && t >= range.live && l.dh > 0;
+      const Packed<scalar_t> qp = staged_q[warp][j][l.lane], dop = staged_do[warp][j][l.lane];
+      const acc_t lse2 = live ? staged_lse[warp][j][l.lane] * kLog2e<acc_t> : acc_t(0);
+      // Rows past the chunk were loaded as zeros: their sums are 0.
+      acc_t prob[C], dp[C], delta = 0;
+      {
+        acc_t qc[kElems], doc[kElems];
+        unpack(qc, qp);
+        unpack(doc, dop);
+#pragma unroll
+        for (int r = 0; r < C; ++r) {
+          acc_t kc[kElems], vc[kElems];
+          unpack(kc, kp[r]);
+          unpack(vc, vp[r]);
+          const acc_t score = group_sum(dot(qc, kc), l.group);
+          dp[r] = group_sum(dot(doc, vc), l.group);
+          prob[r] = live && r < l.nslot ? exp2_(score * qscale - lse2) : acc_t(0);
+          delta += prob[r] * dp[r];
+        }
       }
       if constexpr (Multi) {
         for (int64_t r = 0; r < a.slots; ++r) {
@@ -190,29 +202,25 @@ __global__ void __launch_bounds__(kWarp* kWarpsPerBlock, min_blocks<scalar_t, C>
           Packed<scalar_t> ko, vo;
           load_packed(ko, a.k + patch_base + r * l.row, l.off, l.dh, l.vec);
           load_packed(vo, a.v + patch_base + r * l.row, l.off, l.dh, l.vec);
-          const acc_t so = group_sum(dot<acc_t>(qp[u], ko), l.group);
-          const acc_t dpo = group_sum(dot<acc_t>(dop[u], vo), l.group);
-          if (live) delta[u] += exp2_(so * qscale - lse2[u]) * dpo;
+          const acc_t so = group_sum(dot<acc_t>(qp, ko), l.group);
+          const acc_t dpo = group_sum(dot<acc_t>(dop, vo), l.group);
+          if (live) delta += exp2_(so * qscale - lse2) * dpo;
         }
       }
-    }
-#pragma unroll
-    for (int u = 0; u < U; ++u) {
-      const int64_t t = base + u * l.subs + l.sub;
       if (t >= range.end || (add && t < range.live)) continue;
       acc_t dqf[kElems] = {}, qc[kElems], doc[kElems];
-      unpack(qc, qp[u]);
-      unpack(doc, dop[u]);
+      unpack(qc, qp);
+      unpack(doc, dop);
 #pragma unroll
       for (int r = 0; r < C; ++r) {
-        const acc_t ds = prob[u][r] * (dp[u][r] - delta[u]);  // 0 for rows that see no patch
+        const acc_t ds = prob[r] * (dp[r] - delta);  // 0 for rows that see no patch
         acc_t kc[kElems];
         unpack(kc, kp[r]);
 #pragma unroll
         for (int e = 0; e < kElems; ++e) {
           dqf[e] += ds * kc[e];
           dkf[r][e] += ds * qc[e];
-          dvf[r][e] += prob[u][r] * doc[e];
+          dvf[r][e] += prob[r] * doc[e];
         }
       }
       store_chunk(a.dq + q_base + t * l.row, dqf, a.scale, l.off, l.dh, l.vec, add);

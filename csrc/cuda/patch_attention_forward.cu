@@ -115,14 +115,24 @@ __global__ void __launch_bounds__(kWarp* kWarpsPerBlock, min_blocks<scalar_t, C>
   }
 }
 
-// Decoder forward: the bytes that read patch p attend the chunk's slot keys, U bytes a step with
-// their q loads in flight together; the slot rows stay in registers. Multi: the slots come in
-// several chunks, and every chunk after the first merges into the earlier ones' output (without
-// that path a one-chunk launch needs a quarter fewer registers).
+// Decoder forward: the bytes that read patch p attend the chunk's slot keys. A step stages the q
+// rows of up to S bytes in shared memory (all copies in flight at once), then takes the bytes one by
+// one; the slot rows stay in registers, widened once. Multi: the slots come in several chunks, and
+// every chunk after the first merges into the earlier ones' output.
+//
+// Blocks per SM: 8 (64 registers) on the bf16 fast path, 7 on fp16's, which widens through
+// conversions that take more registers (it spills at 64); 8 against 7 made the bf16 benchmark
+// 67.7 against 69.2 us on the H200.
+template <typename scalar_t, int kGroup>
+constexpr int decoder_forward_blocks() {
+  return kGroup == 0 ? 6 : (std::is_same_v<scalar_t, c10::BFloat16> ? 8 : 7);
+}
+
 template <typename scalar_t, int C, bool Multi, int kGroup>
-__global__ void __launch_bounds__(kWarp* kWarpsPerBlock, min_blocks<scalar_t, C>(kGroup > 0 ? 7 : 6)) decoder_forward_kernel(const Args<scalar_t> a) {
+__global__ void __launch_bounds__(kWarp* kWarpsPerBlock, min_blocks<scalar_t, C>(decoder_forward_blocks<scalar_t, kGroup>())) decoder_forward_kernel(const Args<scalar_t> a) {
   using acc_t = at::opmath_type<scalar_t>;
-  constexpr int U = 4;
+  constexpr int S = staged_steps<scalar_t>();
+  __shared__ Packed<scalar_t> staged_q[kWarpsPerBlock][S][kWarp];
   Lane l;
   if (!make_lane<kGroup, C>(a, l)) return;
   const int64_t k_base = (l.b * a.keys + l.p * a.slots + a.chunk_begin) * l.row + l.h * a.head_dim;
@@ -131,65 +141,54 @@ __global__ void __launch_bounds__(kWarp* kWarpsPerBlock, min_blocks<scalar_t, C>
 
   // The slot rows' loads go out with the byte range's (they do not depend on it), so a warp
   // waits for two memory round trips before its first score, not three.
-  Packed<scalar_t> kp[C], vp[C];
+  acc_t kc[C][kElems], vc[C][kElems];
 #pragma unroll
   for (int r = 0; r < C; ++r) {
     const int n = r < l.nslot ? l.dh : 0;
-    load_packed(kp[r], a.k + k_base + r * l.row, l.off, n, l.vec);
-    load_packed(vp[r], a.v + k_base + r * l.row, l.off, n, l.vec);
+    load_chunk(kc[r], a.k + k_base + r * l.row, l.off, n, l.vec);
+    load_chunk(vc[r], a.v + k_base + r * l.row, l.off, n, l.vec);
   }
   const ByteRange range = decoder_range(a, l.bp, l.p);
   if (range.begin >= range.end) return;
   const scalar_t* q_rows = a.q + l.b * a.queries * l.row + l.h * a.head_dim;
   scalar_t* out_rows = a.out + l.b * a.queries * l.row + l.h * a.head_dim;
   acc_t* lse_row = a.lse + (l.b * a.heads + l.h) * a.queries;
+  Packed<scalar_t>(&slots)[S][kWarp] = staged_q[threadIdx.x / kWarp];
 
-  for (int64_t base = range.begin; base < range.end; base += U * l.subs) {
-#pragma unroll
-    for (int r = 0; r < C; ++r) {
-      opaque(kp[r]);
-      opaque(vp[r]);
+  for (int64_t base = range.begin; base < range.end; base += S * l.subs) {
+    // Whole steps past the range are not staged; a lane past it within a step stages zeros.
+#pragma unroll 1
+    for (int j = 0; j < S && base + j * l.subs < range.end; ++j) {
+      const int64_t t = base + j * l.subs + l.sub;
+      stage_row(slots[j][l.lane], q_rows + t * l.row, l.off, t < range.end ? l.dh : 0, l.vec);
     }
-    Packed<scalar_t> qp[U];
-    acc_t prev_lse[U];
-#pragma unroll
-    for (int u = 0; u < U; ++u) {
-      const int64_t t = base + u * l.subs + l.sub;
+    wait_copies();
+#pragma unroll 1
+    for (int j = 0; j < S && base + j * l.subs < range.end; ++j) {
+      const int64_t t = base + j * l.subs + l.sub;
       const bool valid = t < range.end && l.dh > 0;
-      load_packed(qp[u], q_rows + t * l.row, l.off, valid ? l.dh : 0, l.vec);
-      prev_lse[u] = merge && valid ? lse_row[t] : acc_t(0);
-    }
-    // Every lane of a row reads the earlier chunks' lse before its leader overwrites it.
-    if (merge) __syncwarp();
-    acc_t s[U][C];
-#pragma unroll
-    for (int u = 0; u < U; ++u) {
-#pragma unroll
-      for (int r = 0; r < C; ++r) {
-        s[u][r] = r < l.nslot ? group_sum(dot<acc_t>(qp[u], kp[r]), l.group) * qscale : acc_t(0);
-      }
-    }
-#pragma unroll
-    for (int u = 0; u < U; ++u) {
-      const int64_t t = base + u * l.subs + l.sub;
-      if (t >= range.end) continue;
-      const bool live = t >= range.live;
-      if (merge && !live) continue;  // the first chunk already wrote 0 and -inf
+      const acc_t prev_lse = merge && valid ? lse_row[t] : acc_t(0);
+      // Every lane of a row reads the earlier chunks' lse before its leader overwrites it.
+      if (merge) __syncwarp();
+      acc_t qc[kElems], s[C];
+      unpack(qc, slots[j][l.lane]);
       acc_t m = neg_inf<acc_t>();
 #pragma unroll
       for (int r = 0; r < C; ++r) {
-        if (r < l.nslot) m = max(m, s[u][r]);
+        s[r] = group_sum(dot(qc, kc[r]), l.group) * qscale;
+        if (r < l.nslot) m = max(m, s[r]);
       }
+      if (t >= range.end) continue;
+      const bool live = t >= range.live;
+      if (merge && !live) continue;  // the first chunk already wrote 0 and -inf
       acc_t o[kElems] = {}, denom = 0;
 #pragma unroll
       for (int r = 0; r < C; ++r) {
         if (r >= l.nslot) continue;
-        const acc_t weight = exp2_(s[u][r] - m);
+        const acc_t weight = exp2_(s[r] - m);
         denom += weight;
-        acc_t vc[kElems];
-        unpack(vc, vp[r]);
 #pragma unroll
-        for (int e = 0; e < kElems; ++e) o[e] += weight * vc[e];
+        for (int e = 0; e < kElems; ++e) o[e] += weight * vc[r][e];
       }
       acc_t lse = (m + log2_(denom)) * kLn2<acc_t>;
       acc_t factor = reciprocal_(denom);
@@ -198,11 +197,11 @@ __global__ void __launch_bounds__(kWarp* kWarpsPerBlock, min_blocks<scalar_t, C>
         factor = 0;
         lse = neg_inf<acc_t>();
       } else if (merge) {  // combine with the earlier chunks: a log-sum-exp weighted mean
-        const acc_t top = max(prev_lse[u], lse);
-        const acc_t total = top + log_(exp_(prev_lse[u] - top) + exp_(lse - top));
+        const acc_t top = max(prev_lse, lse);
+        const acc_t total = top + log_(exp_(prev_lse - top) + exp_(lse - top));
         acc_t prev[kElems];
         load_chunk(prev, out_row, l.off, l.dh, l.vec);
-        const acc_t w_prev = exp_(prev_lse[u] - total), w_this = exp_(lse - total) / denom;
+        const acc_t w_prev = exp_(prev_lse - total), w_this = exp_(lse - total) / denom;
 #pragma unroll
         for (int e = 0; e < kElems; ++e) o[e] = prev[e] * w_prev + o[e] * w_this;
         factor = 1;
