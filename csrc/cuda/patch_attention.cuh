@@ -20,7 +20,8 @@
 // 40-64), where the shuffles and lane arithmetic are unrolled: at BLT-1B shapes the kernels use
 // 58-66% of the SM's issue slots (ncu), so instructions count as well as loads in flight.
 //
-// Patch offsets come from patch_ends of the lengths on the device (no host synchronisation);
+// Patch offsets come from patch_ends of the lengths on the device (no host synchronisation),
+// and the kernels are launched chained to it (chained_launch.cuh);
 // the decoder range of p ends where the next non-empty patch ends (a binary search over the
 // ends, only needed after zero-length patches). Lengths are not validated on CUDA (that needs
 // the data on the host): every range is clamped to [0, T], so bad lengths never make a kernel
@@ -41,6 +42,7 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "chained_launch.cuh"
 #include "common/patch_attention.h"
 #include "patch_ends.cuh"
 #include "widen.cuh"
@@ -306,6 +308,7 @@ struct Lane {
 // so the lane's place takes shifts and masks.
 template <int kGroup, int C, typename scalar_t>
 __device__ __forceinline__ bool make_lane(const Args<scalar_t>& a, Lane& l) {
+  wait_for_previous_kernel();  // every kernel starts here: launched chained (launch_chunks)
   const int group = kGroup > 0 ? kGroup : a.group;
   l.group = group;
   l.vec = kGroup > 0 || a.vec;

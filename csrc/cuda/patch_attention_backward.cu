@@ -283,9 +283,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> patch_cross_attention_backward(
                          const Args<scalar_t>& args) {
       constexpr int C = decltype(c)::value, G = decltype(group)::value;
       if (encoder) {
-        encoder_backward_kernel<scalar_t, C, G><<<grid, block, 0, stream>>>(args);
+        launch_chained(encoder_backward_kernel<scalar_t, C, G>, grid, block, stream, args);
       } else {
-        decoder_backward_kernel<scalar_t, C, decltype(multi)::value, G><<<grid, block, 0, stream>>>(args);
+        launch_chained(decoder_backward_kernel<scalar_t, C, decltype(multi)::value, G>, grid, block, stream, args);
       }
     });
   });

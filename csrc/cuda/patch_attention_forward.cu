@@ -240,9 +240,9 @@ std::tuple<at::Tensor, at::Tensor> patch_cross_attention(const at::Tensor& q, co
                          const Args<scalar_t>& args) {
       constexpr int C = decltype(c)::value, G = decltype(group)::value;
       if (encoder) {
-        encoder_forward_kernel<scalar_t, C, G><<<grid, block, 0, stream>>>(args);
+        launch_chained(encoder_forward_kernel<scalar_t, C, G>, grid, block, stream, args);
       } else {
-        decoder_forward_kernel<scalar_t, C, decltype(multi)::value, G><<<grid, block, 0, stream>>>(args);
+        launch_chained(decoder_forward_kernel<scalar_t, C, decltype(multi)::value, G>, grid, block, stream, args);
       }
     });
   });

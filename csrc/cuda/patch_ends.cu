@@ -7,6 +7,7 @@
 
 #include <cstdint>
 
+#include "chained_launch.cuh"
 #include "patch_ends.cuh"
 
 namespace blt_ext::cuda {
@@ -28,6 +29,7 @@ __device__ int64_t warp_inclusive_scan(int64_t value, int lane) {
 
 __global__ void __launch_bounds__(kEndsThreads)
     patch_ends_kernel(const int64_t* lengths, int64_t* ends, int64_t patches) {
+  wait_for_previous_kernel();
   __shared__ int64_t warp_totals[kEndsWarps];
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const int64_t* row_lengths = lengths + blockIdx.x * patches;
@@ -66,9 +68,8 @@ at::Tensor patch_ends(const at::Tensor& lengths) {
   auto ends = at::empty_like(lengths);
   if (ends.numel() == 0) return ends;
   const auto stream = c10::cuda::getCurrentCUDAStream();
-  patch_ends_kernel<<<static_cast<unsigned>(lengths.size(0)), kEndsThreads, 0, stream>>>(
-      lengths.const_data_ptr<int64_t>(), ends.mutable_data_ptr<int64_t>(), lengths.size(1));
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_chained(patch_ends_kernel, dim3(static_cast<unsigned>(lengths.size(0))), dim3(kEndsThreads), stream,
+                 lengths.const_data_ptr<int64_t>(), ends.mutable_data_ptr<int64_t>(), lengths.size(1));
   return ends;
 }
 
