@@ -16,9 +16,10 @@
 // much as several bytes of work at BLT's 4.5-byte patches. Each kernel step has several bytes of
 // the range in flight at once: the encoder kernels load U bytes' k/v rows into registers before
 // any use; the decoder kernels, whose byte rows are the bulk of their traffic, copy up to a whole
-// patch's q (and dO) rows into shared memory with cp.async first (staged_steps). Every kernel is compiled for any G and for G = kFastGroup with 16-byte loads (Dh
-// 40-64), where the shuffles and lane arithmetic are unrolled: at BLT-1B shapes the kernels use
-// 58-66% of the SM's issue slots (ncu), so instructions count as well as loads in flight.
+// patch's q (and dO) rows into shared memory with cp.async first (staged_steps). Every kernel is
+// compiled for any G and for G = kFastGroup with 16-byte loads (Dh 40-64), where the shuffles and
+// lane arithmetic are unrolled: at BLT-1B shapes the kernels use 51-57% of the SM's issue slots
+// (ncu), so instructions count as well as loads in flight.
 //
 // Patch offsets come from patch_ends of the lengths on the device (no host synchronisation),
 // and the kernels are launched chained to it (chained_launch.cuh);

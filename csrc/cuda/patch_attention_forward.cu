@@ -129,7 +129,8 @@ constexpr int decoder_forward_blocks() {
 }
 
 template <typename scalar_t, int C, bool Multi, int kGroup>
-__global__ void __launch_bounds__(kWarp* kWarpsPerBlock, min_blocks<scalar_t, C>(decoder_forward_blocks<scalar_t, kGroup>())) decoder_forward_kernel(const Args<scalar_t> a) {
+__global__ void __launch_bounds__(kWarp* kWarpsPerBlock, min_blocks<scalar_t, C>(decoder_forward_blocks<scalar_t, kGroup>()))
+    decoder_forward_kernel(const Args<scalar_t> a) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int S = staged_steps<scalar_t>();
   __shared__ Packed<scalar_t> staged_q[kWarpsPerBlock][S][kWarp];
