@@ -177,6 +177,14 @@ __device__ __forceinline__ void load_chunk(acc_t (&x)[kElems], const scalar_t* r
   unpack(x, p);
 }
 
+// One 16-byte store. A plain uint4 assignment is a struct copy, which the compiler emits as four
+// 4-byte stores (cuobjdump, sm_90): four times the store instructions and L1 wavefronts.
+__device__ __forceinline__ void store16(uint4* address, const uint4& value) {
+  asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};" ::"l"(address), "r"(value.x), "r"(value.y), "r"(value.z),
+               "r"(value.w)
+               : "memory");
+}
+
 // Stores factor * x (plus the row's current value when `add`) into this lane's elements.
 template <typename scalar_t, typename acc_t>
 __device__ __forceinline__ void store_chunk(scalar_t* row, const acc_t (&x)[kElems], acc_t factor, int off, int dh,
@@ -195,7 +203,7 @@ __device__ __forceinline__ void store_chunk(scalar_t* row, const acc_t (&x)[kEle
 #pragma unroll
     for (int i = 0; i < kElems; ++i) vals[i] = static_cast<scalar_t>(prev[i] + x[i] * factor);
 #pragma unroll
-    for (int i = 0; i < kVecs; ++i) reinterpret_cast<uint4*>(row + off)[i] = reinterpret_cast<const uint4*>(vals)[i];
+    for (int i = 0; i < kVecs; ++i) store16(reinterpret_cast<uint4*>(row + off) + i, reinterpret_cast<const uint4*>(vals)[i]);
   } else {
 #pragma unroll
     for (int i = 0; i < kElems; ++i) {
