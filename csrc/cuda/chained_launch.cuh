@@ -10,6 +10,8 @@
 #include <c10/cuda/CUDAFunctions.h>
 #include <cuda_runtime.h>
 
+#include <utility>
+
 namespace blt_ext::cuda {
 
 // The first statement of a chained kernel, in every thread: waits until the previous kernel in
