@@ -241,19 +241,20 @@ constexpr int staged_steps() {
   return kStagedBytesPerWarp / (kWarp * static_cast<int>(sizeof(Packed<scalar_t>)));
 }
 
-template <typename scalar_t>
+// Copies one T (4, 8 or 16 bytes) from global to shared memory without a register.
+template <typename T>
 __device__ __forceinline__ void copy_async(void* slot, const void* source) {
-  static_assert(sizeof(scalar_t) == 4 || sizeof(scalar_t) == 8 || sizeof(scalar_t) == 16);
+  static_assert(sizeof(T) == 4 || sizeof(T) == 8 || sizeof(T) == 16);
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   const auto address = static_cast<unsigned>(__cvta_generic_to_shared(slot));
-  if constexpr (sizeof(scalar_t) == 16) {  // .cg: bypass L1, as the rows are read once
+  if constexpr (sizeof(T) == 16) {  // .cg: bypass L1, as the rows are read once
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(address), "l"(source) : "memory");
   } else {
-    asm volatile("cp.async.ca.shared.global [%0], [%1], %2;\n" ::"r"(address), "l"(source), "n"(sizeof(scalar_t))
+    asm volatile("cp.async.ca.shared.global [%0], [%1], %2;\n" ::"r"(address), "l"(source), "n"(sizeof(T))
                  : "memory");
   }
 #else
-  *static_cast<scalar_t*>(slot) = *static_cast<const scalar_t*>(source);
+  *static_cast<T*>(slot) = *static_cast<const T*>(source);
 #endif
 }
 

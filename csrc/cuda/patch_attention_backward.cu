@@ -128,7 +128,7 @@ __global__ void __launch_bounds__(kWarp* kWarpsPerBlock, min_blocks<scalar_t, C>
 // the slots come in several chunks, and D_t also visits the slots outside this one. A step stages
 // the q and dO rows and the lse of up to S bytes in shared memory (all copies in flight at once),
 // then takes the bytes one by one: the kernel waits on those rows (ncu: half the stall cycles when
-// registers held them, two bytes a step).
+// registers held them, one byte a step).
 template <typename scalar_t, int C, bool Multi, int kGroup>
 __global__ void __launch_bounds__(kWarp* kWarpsPerBlock, min_blocks<scalar_t, C>(4)) decoder_backward_kernel(const Args<scalar_t> a) {
   using acc_t = at::opmath_type<scalar_t>;
