@@ -41,12 +41,14 @@ def main():
             x = torch.randn(B, T, D, generator=g).to(dev, dtype).requires_grad_()
             for reduce in ("max", "mean", "min"):
                 ops.segment_pool(x, lengths, reduce).sum().backward()
-            q = torch.randn(B, P * slots, H, Dh, generator=g).to(dev, dtype).requires_grad_()
-            kv = torch.randn(B, T, H, Dh, generator=g).to(dev, dtype).requires_grad_()
-            ops.patch_cross_attention(q, kv, kv, lengths, slots, "encoder").sum().backward()
-            qd = torch.randn(B, T, H, Dh, generator=g).to(dev, dtype).requires_grad_()
-            kvd = torch.randn(B, P * slots, H, Dh, generator=g).to(dev, dtype).requires_grad_()
-            ops.patch_cross_attention(qd, kvd, kvd, lengths, slots, "decoder").sum().backward()
+            # Dh 24: lanes split a patch's bytes; H 4 x Dh 64: the 16-byte fast path, one byte a lane group
+            for heads, head_dim in ((H, Dh), (4, 64)):
+                q = torch.randn(B, P * slots, heads, head_dim, generator=g).to(dev, dtype).requires_grad_()
+                kv = torch.randn(B, T, heads, head_dim, generator=g).to(dev, dtype).requires_grad_()
+                ops.patch_cross_attention(q, kv, kv, lengths, slots, "encoder").sum().backward()
+                qd = torch.randn(B, T, heads, head_dim, generator=g).to(dev, dtype).requires_grad_()
+                kvd = torch.randn(B, P * slots, heads, head_dim, generator=g).to(dev, dtype).requires_grad_()
+                ops.patch_cross_attention(qd, kvd, kvd, lengths, slots, "decoder").sum().backward()
     torch.cuda.synchronize()
     print("sanitize cases: all kernels ran")
 

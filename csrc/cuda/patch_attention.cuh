@@ -185,29 +185,32 @@ __device__ __forceinline__ void store16(uint4* address, const uint4& value) {
                : "memory");
 }
 
-// Stores factor * x (plus the row's current value when `add`) into this lane's elements.
+// Stores factor * x (plus the row's current value when `add`) into this lane's elements. Without
+// `add` nothing is added, so a constant factor of 1 costs no instruction.
 template <typename scalar_t, typename acc_t>
 __device__ __forceinline__ void store_chunk(scalar_t* row, const acc_t (&x)[kElems], acc_t factor, int off, int dh,
                                             bool vec, bool add) {
   if (off >= dh) return;
-  acc_t prev[kElems];
+  acc_t y[kElems];
   if (add) {
-    load_chunk(prev, row, off, dh, vec);
+    load_chunk(y, row, off, dh, vec);
+#pragma unroll
+    for (int i = 0; i < kElems; ++i) y[i] += x[i] * factor;
   } else {
 #pragma unroll
-    for (int i = 0; i < kElems; ++i) prev[i] = acc_t(0);
+    for (int i = 0; i < kElems; ++i) y[i] = x[i] * factor;
   }
   if (vec) {
     constexpr int kVecs = kElems * sizeof(scalar_t) / 16;
     alignas(16) scalar_t vals[kElems];
 #pragma unroll
-    for (int i = 0; i < kElems; ++i) vals[i] = static_cast<scalar_t>(prev[i] + x[i] * factor);
+    for (int i = 0; i < kElems; ++i) vals[i] = static_cast<scalar_t>(y[i]);
 #pragma unroll
     for (int i = 0; i < kVecs; ++i) store16(reinterpret_cast<uint4*>(row + off) + i, reinterpret_cast<const uint4*>(vals)[i]);
   } else {
 #pragma unroll
     for (int i = 0; i < kElems; ++i) {
-      if (off + i < dh) row[off + i] = static_cast<scalar_t>(prev[i] + x[i] * factor);
+      if (off + i < dh) row[off + i] = static_cast<scalar_t>(y[i]);
     }
   }
 }
@@ -306,6 +309,7 @@ struct Lane {
   int64_t b, p, h, bp;
   int64_t row;  // elements per byte or slot row: H * Dh
   int lane, sub, subs, off;
+  int subs_shift;  // log2(subs)
   int group;    // lanes per head row: kGroup where the kernel is compiled for it (a constant)
   int nslot;    // slot rows of this launch's chunk
   int dh;       // Dh, or 0 for a lane whose head is past H: it loads zeros and stores nothing
@@ -334,7 +338,8 @@ __device__ __forceinline__ bool make_lane(const Args<scalar_t>& a, Lane& l) {
   const int row_group = l.lane >> group_shift;
   l.h = static_cast<int64_t>(bp_group.mod) * a.heads_per_warp + (row_group & (a.heads_per_warp - 1));
   l.sub = row_group >> heads_shift;
-  l.subs = kWarp >> (group_shift + heads_shift);
+  l.subs_shift = __ffs(kWarp) - 1 - group_shift - heads_shift;
+  l.subs = 1 << l.subs_shift;
   l.off = (l.lane & (group - 1)) * kElems;
   l.dh = l.h < a.heads ? static_cast<int>(a.head_dim) : 0;
   l.leader = l.dh > 0 && (l.lane & (group - 1)) == 0;
@@ -379,6 +384,27 @@ __device__ __forceinline__ ByteRange decoder_range(const Args<scalar_t>& a, int6
   const int64_t live = clamp64(end - 1, 0, a.bytes);
   const int64_t begin = end - length <= 0 ? 0 : live;
   return {begin, live, clamp64(stop, live, a.bytes)};
+}
+
+// A lane's bytes of a decoder range, counted from its first: its j-th byte is first + j * subs. The
+// warp takes j < count (whole steps past the range are not staged), the lane's byte is inside the
+// range for j < valid and sees a patch for j >= live_from. Worked out once, so the per-byte loops
+// compare 32-bit counters instead of 64-bit byte positions.
+struct LaneBytes {
+  int64_t first;
+  int count, valid, live_from;
+};
+
+__device__ __forceinline__ LaneBytes lane_bytes(const ByteRange& range, const Lane& l) {
+  const auto bytes_before = [&](int64_t stop, int64_t from) {  // j's with from + j * subs < stop
+    return static_cast<int>(max(stop - from + l.subs - 1, int64_t{0}) >> l.subs_shift);
+  };
+  LaneBytes bytes;
+  bytes.first = range.begin + l.sub;
+  bytes.count = bytes_before(range.end, range.begin);
+  bytes.valid = bytes_before(range.end, bytes.first);
+  bytes.live_from = bytes_before(range.live, bytes.first);
+  return bytes;
 }
 
 inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }

@@ -140,7 +140,7 @@ __global__ void __launch_bounds__(kWarp* kWarpsPerBlock, min_blocks<scalar_t, C>
   const int64_t patch_base = (l.b * a.keys + l.p * a.slots) * l.row + l.h * a.head_dim;
   const int64_t k_base = patch_base + a.chunk_begin * l.row;
   const acc_t qscale = a.scale * kLog2e<acc_t>;
-  const bool add = a.chunk_begin > 0;
+  const bool add = Multi && a.chunk_begin > 0;
 
   Packed<scalar_t> kp[C], vp[C];
   acc_t dkf[C][kElems], dvf[C][kElems];
@@ -153,32 +153,42 @@ __global__ void __launch_bounds__(kWarp* kWarpsPerBlock, min_blocks<scalar_t, C>
     for (int e = 0; e < kElems; ++e) dkf[r][e] = dvf[r][e] = 0;
   }
   const ByteRange range = decoder_range(a, l.bp, l.p);  // after the slot loads: they overlap
-  const int64_t q_base = l.b * a.queries * l.row + l.h * a.head_dim;
-  const acc_t* lse_row = a.lse + (l.b * a.heads + l.h) * a.queries;
+  const LaneBytes bytes = lane_bytes(range, l);
+  const int64_t stride = l.subs * l.row;  // elements from one of this lane's bytes to its next
+  const int64_t first_row = (l.b * a.queries + bytes.first) * l.row + l.h * a.head_dim;
+  const acc_t* first_lse = a.lse + (l.b * a.heads + l.h) * a.queries + bytes.first;
+  // This lane's slot for the step's j-th byte: [j * kWarp].
   const int warp = threadIdx.x / kWarp;
+  Packed<scalar_t>* const q_slots = staged_q[warp][0] + l.lane;
+  Packed<scalar_t>* const do_slots = staged_do[warp][0] + l.lane;
+  acc_t* const lse_slots = staged_lse[warp][0] + l.lane;
 
-  for (int64_t base = range.begin; base < range.end; base += S * l.subs) {
-    // Whole steps past the range are not staged; a lane past it within a step stages zeros.
+  for (int step = 0; step < bytes.count; step += S) {
+    const int steps = min(S, bytes.count - step);
+    {
+      const scalar_t* q_row = a.q + first_row + step * stride;
+      const scalar_t* do_row = a.grad_output + first_row + step * stride;
+      const acc_t* lse = first_lse + (step << l.subs_shift);
 #pragma unroll 1
-    for (int j = 0; j < S && base + j * l.subs < range.end; ++j) {
-      const int64_t t = base + j * l.subs + l.sub;
-      const int n = t < range.end ? l.dh : 0;
-      stage_row(staged_q[warp][j][l.lane], a.q + q_base + t * l.row, l.off, n, l.vec);
-      stage_row(staged_do[warp][j][l.lane], a.grad_output + q_base + t * l.row, l.off, n, l.vec);
-      if (n > 0 && t >= range.live) copy_async<acc_t>(&staged_lse[warp][j][l.lane], lse_row + t);
+      for (int j = 0; j < steps; ++j, q_row += stride, do_row += stride, lse += l.subs) {
+        const int n = step + j < bytes.valid ? l.dh : 0;
+        stage_row(q_slots[j * kWarp], q_row, l.off, n, l.vec);
+        stage_row(do_slots[j * kWarp], do_row, l.off, n, l.vec);
+        if (n > 0 && step + j >= bytes.live_from) copy_async<acc_t>(lse_slots + j * kWarp, lse);
+      }
     }
     wait_copies();
 #pragma unroll 1
-    for (int j = 0; j < S && base + j * l.subs < range.end; ++j) {
+    for (int j = 0; j < steps; ++j) {
+      const int byte = step + j;
 #pragma unroll
       for (int r = 0; r < C; ++r) {
         opaque(kp[r]);
         opaque(vp[r]);
       }
-      const int64_t t = base + j * l.subs + l.sub;
-      const bool live = t < range.end && t >= range.live && l.dh > 0;
-      const Packed<scalar_t> qp = staged_q[warp][j][l.lane], dop = staged_do[warp][j][l.lane];
-      const acc_t lse2 = live ? staged_lse[warp][j][l.lane] * kLog2e<acc_t> : acc_t(0);
+      const bool live = byte < bytes.valid && byte >= bytes.live_from && l.dh > 0;
+      const Packed<scalar_t> qp = q_slots[j * kWarp], dop = do_slots[j * kWarp];
+      const acc_t lse2 = live ? lse_slots[j * kWarp] * kLog2e<acc_t> : acc_t(0);
       // Rows past the chunk were loaded as zeros: their sums are 0.
       acc_t prob[C], dp[C], delta = 0;
       {
@@ -207,13 +217,14 @@ __global__ void __launch_bounds__(kWarp* kWarpsPerBlock, min_blocks<scalar_t, C>
           if (live) delta += exp2_(so * qscale - lse2) * dpo;
         }
       }
-      if (t >= range.end || (add && t < range.live)) continue;
+      if (byte >= bytes.valid || (add && byte < bytes.live_from)) continue;
       acc_t dqf[kElems] = {}, qc[kElems], doc[kElems];
       unpack(qc, qp);
       unpack(doc, dop);
 #pragma unroll
       for (int r = 0; r < C; ++r) {
-        const acc_t ds = prob[r] * (dp[r] - delta);  // 0 for rows that see no patch
+        // Scaled here, once a byte, rather than every element of dq and dk; 0 for rows that see no patch.
+        const acc_t ds = prob[r] * (dp[r] - delta) * a.scale;
         acc_t kc[kElems];
         unpack(kc, kp[r]);
 #pragma unroll
@@ -223,7 +234,7 @@ __global__ void __launch_bounds__(kWarp* kWarpsPerBlock, min_blocks<scalar_t, C>
           dvf[r][e] += prob[r] * doc[e];
         }
       }
-      store_chunk(a.dq + q_base + t * l.row, dqf, a.scale, l.off, l.dh, l.vec, add);
+      store_chunk(a.dq + first_row + byte * stride, dqf, acc_t(1), l.off, l.dh, l.vec, add);
     }
   }
   for (int o = l.group * a.heads_per_warp; o < kWarp; o <<= 1) {
@@ -239,7 +250,7 @@ __global__ void __launch_bounds__(kWarp* kWarpsPerBlock, min_blocks<scalar_t, C>
 #pragma unroll
   for (int r = 0; r < C; ++r) {
     if (r >= l.nslot || r % l.subs != l.sub) continue;
-    store_chunk(a.dk + k_base + r * l.row, dkf[r], a.scale, l.off, l.dh, l.vec, false);
+    store_chunk(a.dk + k_base + r * l.row, dkf[r], acc_t(1), l.off, l.dh, l.vec, false);
     store_chunk(a.dv + k_base + r * l.row, dvf[r], acc_t(1), l.off, l.dh, l.vec, false);
   }
 }

@@ -136,6 +136,9 @@ __global__ void __launch_bounds__(kWarp* kWarpsPerBlock, min_blocks<scalar_t, C>
   __shared__ Packed<scalar_t> staged_q[kWarpsPerBlock][S][kWarp];
   Lane l;
   if (!make_lane<kGroup, C>(a, l)) return;
+  // Below kMaxChunk, launch_chunks gives C slots as one chunk of exactly C, so the slot loops need
+  // no bounds: 20 fewer instructions a byte here (the encoder kernels keep them: without, they spill).
+  const int nslot = C < kMaxChunk ? C : l.nslot;
   const int64_t k_base = (l.b * a.keys + l.p * a.slots + a.chunk_begin) * l.row + l.h * a.head_dim;
   const acc_t qscale = a.scale * kLog2e<acc_t>;
   const bool merge = Multi && a.chunk_begin > 0;
@@ -145,71 +148,75 @@ __global__ void __launch_bounds__(kWarp* kWarpsPerBlock, min_blocks<scalar_t, C>
   acc_t kc[C][kElems], vc[C][kElems];
 #pragma unroll
   for (int r = 0; r < C; ++r) {
-    const int n = r < l.nslot ? l.dh : 0;
+    const int n = r < nslot ? l.dh : 0;
     load_chunk(kc[r], a.k + k_base + r * l.row, l.off, n, l.vec);
     load_chunk(vc[r], a.v + k_base + r * l.row, l.off, n, l.vec);
   }
   const ByteRange range = decoder_range(a, l.bp, l.p);
   if (range.begin >= range.end) return;
-  const scalar_t* q_rows = a.q + l.b * a.queries * l.row + l.h * a.head_dim;
-  scalar_t* out_rows = a.out + l.b * a.queries * l.row + l.h * a.head_dim;
-  acc_t* lse_row = a.lse + (l.b * a.heads + l.h) * a.queries;
-  Packed<scalar_t>(&slots)[S][kWarp] = staged_q[threadIdx.x / kWarp];
+  const LaneBytes bytes = lane_bytes(range, l);
+  const int64_t stride = l.subs * l.row;  // elements from one of this lane's bytes to its next
+  const int64_t first_row = (l.b * a.queries + bytes.first) * l.row + l.h * a.head_dim;
+  acc_t* first_lse = a.lse + (l.b * a.heads + l.h) * a.queries + bytes.first;
+  Packed<scalar_t>* const q_slots = staged_q[threadIdx.x / kWarp][0] + l.lane;  // byte j: [j * kWarp]
 
-  for (int64_t base = range.begin; base < range.end; base += S * l.subs) {
-    // Whole steps past the range are not staged; a lane past it within a step stages zeros.
+  for (int step = 0; step < bytes.count; step += S) {
+    const int steps = min(S, bytes.count - step);
+    {
+      const scalar_t* q_row = a.q + first_row + step * stride;
 #pragma unroll 1
-    for (int j = 0; j < S && base + j * l.subs < range.end; ++j) {
-      const int64_t t = base + j * l.subs + l.sub;
-      stage_row(slots[j][l.lane], q_rows + t * l.row, l.off, t < range.end ? l.dh : 0, l.vec);
+      for (int j = 0; j < steps; ++j, q_row += stride) {
+        stage_row(q_slots[j * kWarp], q_row, l.off, step + j < bytes.valid ? l.dh : 0, l.vec);
+      }
     }
     wait_copies();
 #pragma unroll 1
-    for (int j = 0; j < S && base + j * l.subs < range.end; ++j) {
-      const int64_t t = base + j * l.subs + l.sub;
-      const bool valid = t < range.end && l.dh > 0;
-      const acc_t prev_lse = merge && valid ? lse_row[t] : acc_t(0);
+    for (int j = 0; j < steps; ++j) {
+      const int byte = step + j;
+      scalar_t* out_row = a.out + first_row + byte * stride;
+      acc_t* lse = first_lse + (byte << l.subs_shift);
+      const bool valid = byte < bytes.valid && l.dh > 0;
+      const acc_t prev_lse = merge && valid ? *lse : acc_t(0);
       // Every lane of a row reads the earlier chunks' lse before its leader overwrites it.
       if (merge) __syncwarp();
       acc_t qc[kElems], s[C];
-      unpack(qc, slots[j][l.lane]);
+      unpack(qc, q_slots[j * kWarp]);
       acc_t m = neg_inf<acc_t>();
 #pragma unroll
       for (int r = 0; r < C; ++r) {
         s[r] = group_sum(dot(qc, kc[r]), l.group) * qscale;
-        if (r < l.nslot) m = max(m, s[r]);
+        if (r < nslot) m = max(m, s[r]);
       }
-      if (t >= range.end) continue;
-      const bool live = t >= range.live;
+      if (byte >= bytes.valid) continue;
+      const bool live = byte >= bytes.live_from;
       if (merge && !live) continue;  // the first chunk already wrote 0 and -inf
       acc_t o[kElems] = {}, denom = 0;
 #pragma unroll
       for (int r = 0; r < C; ++r) {
-        if (r >= l.nslot) continue;
+        if (r >= nslot) continue;
         const acc_t weight = exp2_(s[r] - m);
         denom += weight;
 #pragma unroll
         for (int e = 0; e < kElems; ++e) o[e] += weight * vc[r][e];
       }
-      acc_t lse = (m + log2_(denom)) * kLn2<acc_t>;
+      acc_t row_lse = (m + log2_(denom)) * kLn2<acc_t>;
       acc_t factor = reciprocal_(denom);
-      scalar_t* out_row = out_rows + t * l.row;
       if (!live) {
         factor = 0;
-        lse = neg_inf<acc_t>();
+        row_lse = neg_inf<acc_t>();
       } else if (merge) {  // combine with the earlier chunks: a log-sum-exp weighted mean
-        const acc_t top = max(prev_lse, lse);
-        const acc_t total = top + log_(exp_(prev_lse - top) + exp_(lse - top));
+        const acc_t top = max(prev_lse, row_lse);
+        const acc_t total = top + log_(exp_(prev_lse - top) + exp_(row_lse - top));
         acc_t prev[kElems];
         load_chunk(prev, out_row, l.off, l.dh, l.vec);
-        const acc_t w_prev = exp_(prev_lse - total), w_this = exp_(lse - total) / denom;
+        const acc_t w_prev = exp_(prev_lse - total), w_this = exp_(row_lse - total) / denom;
 #pragma unroll
         for (int e = 0; e < kElems; ++e) o[e] = prev[e] * w_prev + o[e] * w_this;
         factor = 1;
-        lse = total;
+        row_lse = total;
       }
       store_chunk(out_row, o, factor, l.off, l.dh, l.vec, false);
-      if (l.leader) lse_row[t] = lse;
+      if (l.leader) *lse = row_lse;
     }
   }
 }
