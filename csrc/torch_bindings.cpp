@@ -42,15 +42,21 @@ TORCH_LIBRARY(blt_ext, m) {
       "segment_pool_backward(Tensor grad_output, Tensor arg_index, Tensor patch_lengths, int num_bytes, "
       "str reduce) -> Tensor");
 
+  // patch_lengths [B, P] int64 -> inclusive patch ends [B, P] (torch.cumsum(patch_lengths, 1)): the
+  // offsets the cross-attention kernels walk. Computed once, they serve an op and its backward
+  // (patch_ends= below), which then skip computing them again.
+  m.def("patch_ends(Tensor patch_lengths) -> Tensor");
   // q [B, Sq, H, Dh], k/v [B, Sk, H, Dh] -> (out [B, Sq, H, Dh], lse [B, H, Sq] float32).
   // direction "encoder": query slot j (patch j // slots) attends the bytes of its patch;
   // direction "decoder": byte t attends the slots of patch p(t + 1) - 1. Fully masked rows give 0.
+  // patch_ends: patch_ends(patch_lengths) if already computed (checked against it on the CPU).
   m.def(
       "patch_cross_attention(Tensor q, Tensor k, Tensor v, Tensor patch_lengths, int slots, str direction, "
-      "float scale) -> (Tensor, Tensor)");
+      "float scale, Tensor? patch_ends=None) -> (Tensor, Tensor)");
   m.def(
       "patch_cross_attention_backward(Tensor grad_output, Tensor q, Tensor k, Tensor v, Tensor output, "
-      "Tensor lse, Tensor patch_lengths, int slots, str direction, float scale) -> (Tensor, Tensor, Tensor)");
+      "Tensor lse, Tensor patch_lengths, int slots, str direction, float scale, Tensor? patch_ends=None) -> "
+      "(Tensor, Tensor, Tensor)");
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

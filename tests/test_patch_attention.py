@@ -16,6 +16,7 @@ from blt_ext.testing import (
     PATCH_LAYOUTS,
     assert_close_to_reference,
     one_byte_patches_with_gaps,
+    random_patch_lengths,
 )
 from blt_ext.testing.patch_attention import attention_inputs
 
@@ -291,12 +292,76 @@ def test_opcheck(device, generator, direction):
         2, 11, 2, 8, 2, direction, extra_patches=1, device=device, generator=generator,
         requires_grad=True,
     )
-    args = (q, k, v, lengths, 2, direction, 0.3)
-    torch.library.opcheck(torch.ops.blt_ext.patch_cross_attention.default, args)
-    out, lse = torch.ops.blt_ext.patch_cross_attention(*args)
-    backward_args = (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out.detach(), lse,
-                     lengths, 2, direction, 0.3)
-    torch.library.opcheck(torch.ops.blt_ext.patch_cross_attention_backward.default, backward_args)
+    ends = torch.ops.blt_ext.patch_ends(lengths)
+    torch.library.opcheck(torch.ops.blt_ext.patch_ends.default, (lengths,))
+    for given_ends in (None, ends):
+        args = (q, k, v, lengths, 2, direction, 0.3, given_ends)
+        torch.library.opcheck(torch.ops.blt_ext.patch_cross_attention.default, args)
+        out, lse = torch.ops.blt_ext.patch_cross_attention(*args)
+        backward_args = (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out.detach(), lse,
+                         lengths, 2, direction, 0.3, given_ends)
+        torch.library.opcheck(torch.ops.blt_ext.patch_cross_attention_backward.default, backward_args)
+
+
+@pytest.mark.parametrize("layout", PATCH_LAYOUTS)
+def test_patch_ends(device, generator, layout):
+    """The op both attention ops walk: the running sum of the lengths along P, every row alone."""
+    lengths = random_patch_lengths(3, 700, layout=layout, generator=generator)
+    # zero-length padding, and more than one scan tile (2,048 lengths) a row
+    lengths = torch.cat([lengths, torch.zeros(3, 2500 - lengths.shape[1], dtype=torch.long)], 1)
+    expected = torch.cumsum(lengths, 1)
+    assert torch.equal(torch.ops.blt_ext.patch_ends(lengths.to(device)).cpu(), expected)
+    columns = lengths.t().contiguous().to(device).t()  # a strided view: the op reads it as given
+    assert torch.equal(torch.ops.blt_ext.patch_ends(columns).cpu(), expected)
+    assert torch.ops.blt_ext.patch_ends(lengths[:0].to(device)).shape == (0, 2500)
+
+
+@pytest.mark.parametrize("direction", DIRECTIONS)
+def test_given_patch_ends(device, generator, direction):
+    """Ends passed in (once for the forward and its backward) give bitwise the same results."""
+    q, k, v, lengths = attention_inputs(
+        2, 300, 4, 64, 2, direction, extra_patches=2, dtype=torch.bfloat16, device=device,
+        generator=generator,
+    )
+    ends = torch.ops.blt_ext.patch_ends(lengths)
+    results = []
+    for given_ends in (None, ends):
+        out, lse = torch.ops.blt_ext.patch_cross_attention(q, k, v, lengths, 2, direction, 0.125, given_ends)
+        grads = torch.ops.blt_ext.patch_cross_attention_backward(
+            torch.ones_like(out), q, k, v, out, lse, lengths, 2, direction, 0.125, given_ends
+        )
+        results.append((out, lse, *grads))
+    for without, given in zip(*results):
+        assert torch.equal(without, given)
+
+
+def test_given_patch_ends_errors(device):
+    q, k, v, lengths, slots, direction, scale = good_args(device)
+    out, lse = torch.ops.blt_ext.patch_cross_attention(q, k, v, lengths, slots, direction, scale)
+    ends = torch.cumsum(lengths, 1)
+
+    def both_ops(bad_ends):  # the forward and the backward op check the same way
+        yield lambda: torch.ops.blt_ext.patch_cross_attention(q, k, v, lengths, slots, direction, scale, bad_ends)
+        yield lambda: torch.ops.blt_ext.patch_cross_attention_backward(
+            torch.ones_like(out), q, k, v, out, lse, lengths, slots, direction, scale, bad_ends
+        )
+
+    cases = [
+        (ends.int(), TypeError, r"patch_ends must have dtype Long, got Int"),
+        (ends[:, 1:], ValueError, r"patch_ends must have the shape of patch_lengths \[1, \d+\], got \[1, \d+\]"),
+    ]
+    if device.type == "cpu":  # the values are compared on the CPU only (no host sync on CUDA)
+        cases.append((ends - 1, ValueError, r"patch_ends must be the running sum of patch_lengths along P"))
+    else:
+        cases.append((ends.cpu(), ValueError, r"patch_lengths and patch_ends must be on the same device"))
+    for bad_ends, error, rule in cases:
+        for op in both_ops(bad_ends):
+            with pytest.raises(error, match=rule):
+                op()
+    with pytest.raises(ValueError, match=r"blt_ext.patch_ends: patch_lengths must be a 2-D tensor \[B, P\]"):
+        torch.ops.blt_ext.patch_ends(lengths[0])
+    with pytest.raises(TypeError, match=r"blt_ext.patch_ends: patch_lengths must have dtype Long, got Int"):
+        torch.ops.blt_ext.patch_ends(lengths.int())
 
 
 @pytest.mark.parametrize("direction", DIRECTIONS)

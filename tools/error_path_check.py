@@ -26,6 +26,8 @@ CASES = {
     "patch_cross_attention, bad slots":
         "ops.patch_cross_attention(*[torch.randn(1, 2, 1, 8, device=dev)] * 3, "
         "torch.tensor([[1, 1]], device=dev), 0, 'encoder')",
+    "patch_ends, rank error (message holds numbers)":
+        "torch.ops.blt_ext.patch_ends(torch.ones(3, dtype=torch.long, device=dev))",
     "hash_ngram_ids, bad ngram size":
         "ops.hash_ngram_ids(torch.zeros(1, 4, dtype=torch.long, device=dev), (0,), 1, 7)",
     "a plain torch error, for comparison":

@@ -2,7 +2,9 @@
 
 ``torch.ops.blt_ext.patch_cross_attention`` returns (out, lse); its backward is the separate op
 ``torch.ops.blt_ext.patch_cross_attention_backward``. The mask is never materialised: the
-kernels walk the patch offsets (cumulative lengths) directly.
+kernels walk the patch offsets (cumulative lengths, ``torch.ops.blt_ext.patch_ends``) directly.
+Both ops take those offsets as ``patch_ends`` when they are already computed: on CUDA a call
+that will run backward computes them once for both.
 """
 
 import math
@@ -24,8 +26,16 @@ def _lse_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+@torch.library.register_fake("blt_ext::patch_ends")
+def _patch_ends_fake(patch_lengths):
+    torch._check(
+        patch_lengths.dim() == 2, lambda: "blt_ext.patch_ends: patch_lengths must be a 2-D tensor [B, P]"
+    )
+    return torch.empty_like(patch_lengths, memory_format=torch.contiguous_format)
+
+
 @torch.library.register_fake("blt_ext::patch_cross_attention")
-def _patch_cross_attention_fake(q, k, v, patch_lengths, slots, direction, scale):
+def _patch_cross_attention_fake(q, k, v, patch_lengths, slots, direction, scale, patch_ends=None):
     _check_direction(direction)
     torch._check(q.dim() == 4, lambda: "blt_ext.patch_cross_attention: q must be a 4-D tensor")
     batch, queries, heads, _ = q.shape
@@ -36,7 +46,7 @@ def _patch_cross_attention_fake(q, k, v, patch_lengths, slots, direction, scale)
 
 @torch.library.register_fake("blt_ext::patch_cross_attention_backward")
 def _patch_cross_attention_backward_fake(
-    grad_output, q, k, v, output, lse, patch_lengths, slots, direction, scale
+    grad_output, q, k, v, output, lse, patch_lengths, slots, direction, scale, patch_ends=None
 ):
     _check_direction(direction)
     return (
@@ -47,22 +57,23 @@ def _patch_cross_attention_backward_fake(
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, patch_lengths, slots, direction, scale = inputs
+    q, k, v, patch_lengths, slots, direction, scale, patch_ends = inputs
     out, lse = output
     ctx.mark_non_differentiable(lse)
     ctx.set_materialize_grads(False)  # lse has no gradient: no zeros tensor filled for it
-    ctx.save_for_backward(q, k, v, out, lse, patch_lengths)
+    ctx.save_for_backward(q, k, v, out, lse, patch_lengths, patch_ends)
     ctx.slots, ctx.direction, ctx.scale = slots, direction, scale
 
 
 def _backward(ctx, grad_out, grad_lse):
     if grad_out is None:  # only lse was used, and lse has no gradient
-        return None, None, None, None, None, None, None
-    q, k, v, out, lse, patch_lengths = ctx.saved_tensors
+        return (None,) * 8
+    q, k, v, out, lse, patch_lengths, patch_ends = ctx.saved_tensors
     dq, dk, dv = torch.ops.blt_ext.patch_cross_attention_backward(
-        grad_out.contiguous(), q, k, v, out, lse, patch_lengths, ctx.slots, ctx.direction, ctx.scale
+        grad_out.contiguous(), q, k, v, out, lse, patch_lengths, ctx.slots, ctx.direction, ctx.scale,
+        patch_ends,
     )
-    return dq, dk, dv, None, None, None, None
+    return dq, dk, dv, None, None, None, None, None
 
 
 torch.library.register_autograd(
@@ -108,6 +119,10 @@ def patch_cross_attention(
     """
     _check_direction(direction)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    patch_ends = None
+    if q.is_cuda and torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        # The backward walks the same patch offsets: one scan kernel for both ops instead of two.
+        patch_ends = torch.ops.blt_ext.patch_ends(patch_lengths)
     return torch.ops.blt_ext.patch_cross_attention(
-        q, k, v, patch_lengths, slots, direction, scale
+        q, k, v, patch_lengths, slots, direction, scale, patch_ends
     )[0]

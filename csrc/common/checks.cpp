@@ -1,6 +1,9 @@
 // The argument checks of every op, compiled once, by the host C++ compiler. The CUDA files call
 // them instead of instantiating the messages themselves: on the H200 build (nvcc 13 with GCC 13,
 // torch 2.11) an error raised from a .cu file with a number in its message crashed the process.
+#include <ATen/ops/cumsum.h>
+#include <ATen/ops/equal.h>
+
 #include <string>
 
 #include "common/checks.h"
@@ -88,6 +91,26 @@ void check_patch_lengths(const at::Tensor& patch_lengths, int64_t batch, int64_t
   check_size(patch_lengths, 0, batch, op, "patch_lengths", "batch size B");
   check_size(patch_lengths, 1, num_patches, op, "patch_lengths", "number of patches P");
   if (patch_lengths.is_cpu()) check_patch_lengths_values(patch_lengths.contiguous(), num_bytes, op);
+}
+
+void check_patch_ends_lengths(const at::Tensor& patch_lengths, const char* op) {
+  check_defined(patch_lengths, op, "patch_lengths");
+  check_dim(patch_lengths, op, "patch_lengths", 2, "[B, P]");
+  check_dtype(patch_lengths, op, "patch_lengths", at::kLong);
+}
+
+void check_given_patch_ends(const at::Tensor& patch_ends, const at::Tensor& patch_lengths, const char* op) {
+  check_defined(patch_ends, op, "patch_ends");
+  check_same_device(patch_lengths, patch_ends, op, "patch_lengths", "patch_ends");
+  check_dtype(patch_ends, op, "patch_ends", at::kLong);
+  TORCH_CHECK_VALUE(patch_ends.sizes() == patch_lengths.sizes(), "blt_ext.", op,
+                    ": patch_ends must have the shape of patch_lengths ", shape_str(patch_lengths.sizes()),
+                    ", got ", shape_str(patch_ends.sizes()));
+  if (patch_ends.is_cpu()) {
+    TORCH_CHECK_VALUE(at::equal(patch_ends, at::cumsum(patch_lengths, 1)), "blt_ext.", op,
+                      ": patch_ends must be the running sum of patch_lengths along P "
+                      "(blt_ext.patch_ends(patch_lengths))");
+  }
 }
 
 }  // namespace blt_ext

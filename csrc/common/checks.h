@@ -44,4 +44,12 @@ void check_patch_lengths_values(const at::Tensor& patch_lengths, int64_t num_byt
 void check_patch_lengths(const at::Tensor& patch_lengths, int64_t batch, int64_t num_patches,
                          int64_t num_bytes, const char* op);
 
+// The lengths argument of blt_ext.patch_ends: int64 [B, P].
+void check_patch_ends_lengths(const at::Tensor& patch_lengths, const char* op);
+
+// patch_ends passed beside (checked) patch_lengths: int64, the shape of patch_lengths, on its device;
+// on the CPU also equal to their running sum. On CUDA the values are trusted as patch_lengths' are
+// (checking them needs the data on the host): wrong ends give wrong rows, never an access out of bounds.
+void check_given_patch_ends(const at::Tensor& patch_ends, const at::Tensor& patch_lengths, const char* op);
+
 }  // namespace blt_ext

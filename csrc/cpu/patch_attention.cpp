@@ -11,6 +11,7 @@
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/cumsum.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <torch/library.h>
@@ -210,12 +211,19 @@ void backward_kernel(const AttentionShape& s, const std::vector<Block>& blocks, 
 
 }  // namespace
 
+at::Tensor patch_ends(const at::Tensor& patch_lengths) {
+  check_patch_ends_lengths(patch_lengths, "patch_ends");
+  return at::cumsum(patch_lengths, 1);
+}
+
 std::tuple<at::Tensor, at::Tensor> patch_cross_attention(const at::Tensor& q, const at::Tensor& k,
                                                          const at::Tensor& v,
                                                          const at::Tensor& patch_lengths, int64_t slots,
-                                                         const std::string& direction, double scale) {
+                                                         const std::string& direction, double scale,
+                                                         const std::optional<at::Tensor>& given_ends) {
   const char* op = "patch_cross_attention";
   const AttentionShape s = patch_attention::check_inputs(q, k, v, patch_lengths, slots, direction, op);
+  if (given_ends) check_given_patch_ends(*given_ends, patch_lengths, op);  // the kernel walks the lengths
   const auto blocks = make_blocks(patch_lengths.contiguous(), s);
   auto out = at::empty_like(q);
   auto lse = at::empty({s.batch, s.heads, s.queries}, q.options().dtype(patch_attention::lse_dtype(q)));
@@ -230,10 +238,11 @@ std::tuple<at::Tensor, at::Tensor> patch_cross_attention(const at::Tensor& q, co
 std::tuple<at::Tensor, at::Tensor, at::Tensor> patch_cross_attention_backward(
     const at::Tensor& grad_output, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& output, const at::Tensor& lse, const at::Tensor& patch_lengths, int64_t slots,
-    const std::string& direction, double scale) {
+    const std::string& direction, double scale, const std::optional<at::Tensor>& given_ends) {
   const char* op = "patch_cross_attention_backward";
   const AttentionShape s = patch_attention::check_inputs(q, k, v, patch_lengths, slots, direction, op);
   patch_attention::check_backward_inputs(grad_output, output, lse, q, s, op);
+  if (given_ends) check_given_patch_ends(*given_ends, patch_lengths, op);
   const auto blocks = make_blocks(patch_lengths.contiguous(), s);
   auto dq = at::empty_like(q);
   auto dk = at::empty_like(k);
@@ -251,6 +260,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> patch_cross_attention_backward(
 }  // namespace blt_ext::cpu
 
 TORCH_LIBRARY_IMPL(blt_ext, CPU, m) {
+  m.impl("patch_ends", &blt_ext::cpu::patch_ends);
   m.impl("patch_cross_attention", &blt_ext::cpu::patch_cross_attention);
   m.impl("patch_cross_attention_backward", &blt_ext::cpu::patch_cross_attention_backward);
 }

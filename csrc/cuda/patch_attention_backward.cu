@@ -260,13 +260,14 @@ __global__ void __launch_bounds__(kWarp* kWarpsPerBlock, min_blocks<scalar_t, C>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> patch_cross_attention_backward(
     const at::Tensor& grad_output, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& output, const at::Tensor& lse, const at::Tensor& patch_lengths, int64_t slots,
-    const std::string& direction, double scale) {
+    const std::string& direction, double scale, const std::optional<at::Tensor>& given_ends) {
   const char* op = "patch_cross_attention_backward";
   const AttentionShape s = patch_attention::check_inputs(q, k, v, patch_lengths, slots, direction, op);
   patch_attention::check_backward_inputs(grad_output, output, lse, q, s, op);
+  if (given_ends) check_given_patch_ends(*given_ends, patch_lengths, op);
   const c10::cuda::CUDAGuard guard(q.device());
   const auto lengths = patch_lengths.contiguous();
-  const auto ends = patch_ends(lengths);
+  const auto ends = given_ends ? given_ends->contiguous() : patch_ends(lengths);
   auto dq = at::empty_like(q);
   auto dk = at::empty_like(k);
   auto dv = at::empty_like(v);

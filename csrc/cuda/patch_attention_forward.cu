@@ -226,12 +226,14 @@ __global__ void __launch_bounds__(kWarp* kWarpsPerBlock, min_blocks<scalar_t, C>
 std::tuple<at::Tensor, at::Tensor> patch_cross_attention(const at::Tensor& q, const at::Tensor& k,
                                                          const at::Tensor& v,
                                                          const at::Tensor& patch_lengths, int64_t slots,
-                                                         const std::string& direction, double scale) {
+                                                         const std::string& direction, double scale,
+                                                         const std::optional<at::Tensor>& given_ends) {
   const char* op = "patch_cross_attention";
   const AttentionShape s = patch_attention::check_inputs(q, k, v, patch_lengths, slots, direction, op);
+  if (given_ends) check_given_patch_ends(*given_ends, patch_lengths, op);
   const c10::cuda::CUDAGuard guard(q.device());
   const auto lengths = patch_lengths.contiguous();
-  const auto ends = patch_ends(lengths);
+  const auto ends = given_ends ? given_ends->contiguous() : patch_ends(lengths);
   auto out = at::empty_like(q);
   auto lse = at::empty({s.batch, s.heads, s.queries}, q.options().dtype(patch_attention::lse_dtype(q)));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "patch_cross_attention", [&] {

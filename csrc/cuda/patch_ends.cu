@@ -3,11 +3,14 @@
 // on the H200 (benchmarks/results/NOTES.md, fifth GPU session).
 #include <ATen/ops/empty_like.h>
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
 
 #include <cstdint>
 
 #include "chained_launch.cuh"
+#include "common/checks.h"
 #include "patch_ends.cuh"
 
 namespace blt_ext::cuda {
@@ -64,7 +67,10 @@ __global__ void __launch_bounds__(kEndsThreads)
 
 }  // namespace
 
-at::Tensor patch_ends(const at::Tensor& lengths) {
+at::Tensor patch_ends(const at::Tensor& patch_lengths) {
+  check_patch_ends_lengths(patch_lengths, "patch_ends");
+  const c10::cuda::CUDAGuard guard(patch_lengths.device());
+  const auto lengths = patch_lengths.contiguous();
   auto ends = at::empty_like(lengths);
   if (ends.numel() == 0) return ends;
   const auto stream = c10::cuda::getCurrentCUDAStream();
@@ -74,3 +80,7 @@ at::Tensor patch_ends(const at::Tensor& lengths) {
 }
 
 }  // namespace blt_ext::cuda
+
+TORCH_LIBRARY_IMPL(blt_ext, CUDA, m) {
+  m.impl("patch_ends", &blt_ext::cuda::patch_ends);
+}
