@@ -225,14 +225,17 @@ def test_a_real_sigint_saves_a_checkpoint_and_exits_130(corpus, tmp_path):
     proc = subprocess.Popen(
         [sys.executable, "-m", "blt_ext", "train", "entropy", "--data", str(corpus), "--out", str(tmp_path),
          "--steps", "100000", "--seq-len", "32", "--batch-size", "2", "--eval-every", "0", "--checkpoint-every", "0"],
-        stderr=subprocess.PIPE, text=True, env=env)
+        stderr=subprocess.PIPE, text=True, env=env,
+        # Ctrl-C's default, whatever this process's own: a job started in the background of a
+        # script ignores SIGINT, and its children inherit that (the run would then never stop).
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         for line in proc.stderr:  # the bar's first line: training has started
             if line.startswith("train entropy"):
                 break
         proc.send_signal(signal.SIGINT)
-        err = proc.stderr.read()
-        assert proc.wait(timeout=60) == 130, err
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 130, err
     finally:
         proc.kill()
     assert "interrupted after step" in err and "Traceback" not in err
