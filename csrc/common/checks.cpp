@@ -94,7 +94,6 @@ void check_patch_lengths(const at::Tensor& patch_lengths, int64_t batch, int64_t
 }
 
 void check_patch_ends_lengths(const at::Tensor& patch_lengths, const char* op) {
-  check_defined(patch_lengths, op, "patch_lengths");
   check_dim(patch_lengths, op, "patch_lengths", 2, "[B, P]");
   check_dtype(patch_lengths, op, "patch_lengths", at::kLong);
 }
